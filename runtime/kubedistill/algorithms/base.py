@@ -1,0 +1,82 @@
+"""The contract between the trainer and a distillation algorithm.
+
+The trainer runs the student's BODY only (``model.model``: no [B, T, V] logits), gathers the
+final hidden states at the loss positions into ``hidden`` [N, d], and hands them, with the
+student's lm_head weight, to the algorithm. An algorithm returns
+
+    {"loss": sum_over_tokens(per_token_loss) / normalizer, <part>: ..., ...}
+
+where ``normalizer`` is the GLOBAL number of loss tokens of the optimizer step (all ranks,
+all micro-batches), so gradients do not depend on micro-batch size or world size. ``loss``
+carries the gradient; other parts are detached, normalised the same way, for logging.
+
+An algorithm is an ``nn.Module``: trainable extras (e.g. DSKD projectors) are its parameters,
+get their own optimizer group from :meth:`Algorithm.param_groups`, and are saved in
+checkpoints through its ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch as the trainer feeds it to the student and the algorithm.
+
+    ``loss_index`` are flat indexes into the ``B * T`` positions whose NEXT token is a
+    training target; ``target_ids[i]`` is that next token. ``teacher_hidden[i]`` is the
+    teacher's final post-norm hidden state at the position that predicts the same target
+    (same-tokenizer algorithms: rows line up one to one with ``loss_index``).
+    """
+
+    input_ids: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long; restarts at 0 for each packed sample
+    attention_mask: torch.Tensor | None  # [B, T]; None for packed rows
+    loss_index: torch.Tensor  # [N] long, into B*T
+    target_ids: torch.Tensor  # [N] long
+    teacher_hidden: torch.Tensor | None = None  # [N, d_teacher]
+    teacher_topk_logprobs: torch.Tensor | None = None  # [N, k]
+    teacher_topk_ids: torch.Tensor | None = None  # [N, k]
+    sample_ids: list[str] = field(default_factory=list)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific inputs
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.loss_index.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        if self.attention_mask is None:
+            return int(self.input_ids.numel())
+        return int(self.attention_mask.sum())
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        def move(x):
+            return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+        return MicroBatch(**{k: ({n: move(v) for n, v in val.items()} if k == "extras"
+                                 else move(val)) for k, val in self.__dict__.items()})
+
+
+class Algorithm(nn.Module):
+    """Base class; subclasses set ``needs_teacher`` and implement :meth:`forward`."""
+
+    needs_teacher: bool = True
+
+    def __init__(self, config, teacher_head: nn.Module | None = None,
+                 student_hidden_size: int | None = None):
+        super().__init__()
+        self.config = config
+        self.teacher_head = teacher_head
+
+    def param_groups(self) -> list[dict]:
+        """Extra optimizer parameter groups (e.g. projectors with their own lr)."""
+        return []
+
+    def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                normalizer: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,448 @@
+"""Typed configuration: dataclass groups, YAML recipes, CLI overrides.
+
+Every field name is unique across groups and every KDFlow argument keeps its KDFlow name,
+meaning and default, so a KDFlow command line ports by changing the program name. The
+canonical spelling on the command line is the flat one (``--kd_ratio 0.3``); the grouped
+spelling (``--kd.kd_ratio 0.3``) is accepted too. A recipe is YAML, either flat or nested by
+group (``kd: {kd_ratio: 0.3}``). Unknown keys are errors that name the closest valid key.
+
+Fields that KDFlow does not have are ours (marked "kubedistill" in the docstrings of groups).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubedistill.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    student_name_or_path: str | None = None
+    teacher_name_or_path: str | None = None
+    attn_implementation: str = "flash_attention_2"  # falls back to sdpa without CUDA/flash-attn
+    use_liger_kernel: bool = False
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    target_modules: str = "all-linear"
+    lora_dropout: float = 0.0
+    ring_attn_size: int = 1
+    enable_thinking: bool = False
+    disable_fast_tokenizer: bool = False
+    # kubedistill
+    trust_remote_code: bool = False
+    student_from_teacher_layers: str | None = None  # e.g. "0,6,12,18,24,29": derive the student
+    lora_save_adapters: bool = False  # False: merge LoRA into the final model
+
+
+@dataclass
+class TrainConfig:
+    num_nodes: int = 1
+    num_gpus_per_node: int = 8
+    num_epochs: int = 1
+    train_batch_size: int = 128
+    micro_train_batch_size: int = 1
+    learning_rate: float = 1e-6
+    lr_scheduler: str = "cosine_with_min_lr"
+    lr_warmup_ratio: float = 0.05
+    min_lr: float = 1e-8
+    max_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.98)
+    backend: str = "fsdp2"
+    gradient_checkpointing: bool = False
+    enable_sleep: bool = False
+    eval_steps: int = -1
+    save_steps: int = -1
+    save_path: str = "./ckpt/"
+    ckpt_path: str = "./ckpt/checkpoints_distill"
+    seed: int = 42
+    bf16: bool = False
+    use_dynamic_bsz: bool = False
+    max_token_len_per_gpu: int = 0
+    chunked_loss_size: int | None = 1024  # KDFlow: None; ours chunks by default
+    # kubedistill
+    max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
+    resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class FSDPConfig:
+    fsdp_size: int = -1
+    cpu_offload: bool = False
+
+
+@dataclass
+class KDConfig:
+    kd_ratio: float = 0.5
+    kd_temperature: float = 1.0
+    kd_algorithm: str = "vanilla_kd"
+    kd_loss_fn: str = "kl"
+    teacher_tp_size: int = 8
+    teacher_ep_size: int = 1
+    teacher_pp_size: int = 1
+    teacher_dp_size: int = 1
+    teacher_forward_n_batches: int = 1
+    teacher_mem_fraction_static: float = 0.4
+    teacher_offload_tags: str = "all"
+    teacher_quantization: str | None = None
+    dskd_token_align: str = "eta"
+    dskd_topk_vocab: int = -1
+    dskd_projector_lr: float = 1e-4
+    jsd_beta: float = 0.5
+    skew_lambda: float = 0.1
+    adaptive_alpha: float = 0.5
+    hrl_topk: int = 5
+    teacher_update_freq: int = 1
+    use_ema_teacher: bool = False
+    teacher_ema_decay: float = 0.999
+    # kubedistill
+    kd_temperature_squared: bool = True  # multiply the KD term by T^2 (Hinton et al.)
+    self_distillation: bool = False  # the teacher is the student itself (on-policy)
+
+
+@dataclass
+class CacheConfig:
+    """kubedistill: the teacher hidden-state cache."""
+
+    teacher_backend: str = "auto"  # auto | hf | sglang
+    cache_dtype: str = "bf16"  # bf16 | fp16 | fp32 | fp8
+    cache_topk: int = 0  # also store top-k teacher log-probs (0: off)
+    cache_rows_per_shard: int = 256
+    cache_verify: bool = True
+    teacher_batch_tokens: int = 4096  # token budget of one teacher forward (hf backend)
+    num_shards: int = 1
+    shard_index: int = -1  # -1: all shards in this process
+
+
+@dataclass
+class RolloutConfig:
+    rollout_num_engines: int = 0
+    rollout_tp_size: int = 1
+    rollout_batch_size: int = 32
+    n_samples_per_prompt: int = 1
+    generate_max_len: int = 2048
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rollout_mem_fraction_static: float = 0.6
+    print_rollout_sample: int = 0  # KDFlow: bool; an int n logs the first n samples
+    # kubedistill
+    rollout_backend: str = "auto"  # auto | hf | sglang
+
+
+@dataclass
+class DataConfig:
+    train_dataset_path: str | None = None  # comma-separated for a mixture
+    train_dataset_probs: str | None = None  # comma-separated, one per dataset
+    train_split: str = "train"
+    eval_dataset_path: str | None = None
+    eval_split: str = "eval"
+    input_key: str = "messages"
+    output_key: str | None = None
+    image_key: str | None = None
+    teacher_input_key: str | None = None
+    label_key: str | None = None
+    apply_chat_template: bool = True
+    max_len: int = 4096
+    prompt_max_len: int = 2048
+    max_samples: int = 100_000_000
+    packing_samples: bool = False
+    preprocess_num_workers: int = 8
+    # kubedistill
+    on_bad_row: str = "skip"  # skip | fail
+    length_policy: str = "filter"  # filter | truncate
+    eval_ratio: float = 0.05  # held-out share when no eval_dataset_path is given
+    eval_max_samples: int = 200
+
+
+@dataclass
+class EvalConfig:
+    """kubedistill: the evaluate stage and the quality gate."""
+
+    eval_task: str = "auto"  # auto | gsm8k | rouge | none
+    eval_metric: str = "eval_ce"  # the key of metrics.json that becomes `score`
+    eval_higher_is_better: bool = False
+    eval_max_new_tokens: int = 128
+    eval_num_generations: int = 32
+    min_improvement: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    logging_steps: int = 10
+
+
+@dataclass
+class TrackingConfig:
+    """kubedistill: MLflow, in place of KDFlow's W&B flags."""
+
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in work_dir
+    experiment_name: str = "kubedistill"
+    run_name: str | None = None
+    registered_model_name: str | None = None  # default: the recipe name
+    parent_run_id: str | None = None
+    pipeline_run_id: str | None = None
+
+
+@dataclass
+class StorageConfig:
+    """kubedistill: where stages read and write (local paths or fsspec URIs)."""
+
+    work_dir: str = "./runs/default"
+    prepared_path: str | None = None  # default: {work_dir}/prepared
+    teacher_cache_path: str | None = None  # default: {work_dir}/teacher_cache
+    model_cache_dir: str | None = None  # packaged models; default: ~/.cache/kubedistill/models
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "fsdp": FSDPConfig,
+    "kd": KDConfig,
+    "cache": CacheConfig,
+    "rollout": RolloutConfig,
+    "data": DataConfig,
+    "eval": EvalConfig,
+    "logging": LoggingConfig,
+    "tracking": TrackingConfig,
+    "storage": StorageConfig,
+}
+
+@dataclass
+class Config:
+    """The whole configuration of a run; one attribute per group."""
+
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    # ---- derived locations -------------------------------------------------------------
+    @property
+    def prepared_path(self) -> str:
+        return self.storage.prepared_path or join_uri(self.storage.work_dir, "prepared")
+
+    @property
+    def teacher_cache_path(self) -> str:
+        return self.storage.teacher_cache_path or join_uri(self.storage.work_dir, "teacher_cache")
+
+    # ---- (de)serialisation -------------------------------------------------------------
+    def to_dict(self, flat: bool = False) -> dict[str, Any]:
+        grouped = {g: dataclasses.asdict(getattr(self, g)) for g in GROUPS}
+        if not flat:
+            return {"name": self.name, **grouped}
+        out: dict[str, Any] = {"name": self.name}
+        for values in grouped.values():
+            out.update(values)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(_plain(self.to_dict()), sort_keys=False)
+
+    def set(self, key: str, value: Any) -> None:
+        """Set one field by flat (``kd_ratio``) or grouped (``kd.kd_ratio``) name."""
+        if key == "name":
+            self.name = str(value)
+            return
+        group, fname = _locate(key)
+        target = getattr(self, group)
+        setattr(target, fname, _coerce(value, FIELD_TYPES[fname], key))
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Check combinations that no single field can check; raise ConfigError."""
+        _check_choice("on_bad_row", self.data.on_bad_row, ("skip", "fail"))
+        _check_choice("length_policy", self.data.length_policy, ("filter", "truncate"))
+        _check_choice("cache_dtype", self.cache.cache_dtype, ("bf16", "fp16", "fp32", "fp8"))
+        _check_choice("teacher_backend", self.cache.teacher_backend, ("auto", "hf", "sglang"))
+        _check_choice("rollout_backend", self.rollout.rollout_backend, ("auto", "hf", "sglang"))
+        _check_choice("dskd_token_align", self.kd.dskd_token_align, ("eta", "cma"))
+        _check_choice("eval_task", self.eval.eval_task, ("auto", "gsm8k", "rouge", "none"))
+        if not 0.0 <= self.kd.kd_ratio <= 1.0:
+            raise ConfigError(f"kd_ratio must be in [0, 1], got {self.kd.kd_ratio}")
+        if self.kd.kd_temperature <= 0:
+            raise ConfigError(f"kd_temperature must be > 0, got {self.kd.kd_temperature}")
+        if not 0.0 < self.kd.teacher_ema_decay < 1.0:
+            raise ConfigError("teacher_ema_decay must be in (0, 1)")
+        if self.train.use_dynamic_bsz and self.train.max_token_len_per_gpu <= 0:
+            raise ConfigError("use_dynamic_bsz needs max_token_len_per_gpu > 0")
+        if self.data.train_dataset_probs and self.data.train_dataset_path:
+            paths = split_list(self.data.train_dataset_path)
+            probs = split_list(self.data.train_dataset_probs)
+            if len(paths) != len(probs):
+                raise ConfigError(
+                    f"train_dataset_probs has {len(probs)} entries but train_dataset_path "
+                    f"has {len(paths)}")
+        if self.cache.shard_index >= self.cache.num_shards:
+            raise ConfigError(f"shard_index {self.cache.shard_index} must be < num_shards "
+                              f"{self.cache.num_shards}")
+        if world_size is not None and not self.train.use_dynamic_bsz:
+            per_step = self.train.micro_train_batch_size * world_size
+            if self.train.train_batch_size % per_step:
+                raise ConfigError(
+                    f"train_batch_size {self.train.train_batch_size} is not divisible by "
+                    f"micro_train_batch_size {self.train.micro_train_batch_size} x world size "
+                    f"{world_size}; choose train_batch_size as a multiple of {per_step}")
+        return self
+
+
+# ---- field table ------------------------------------------------------------------------
+FIELD_GROUP: dict[str, str] = {}
+FIELD_TYPES: dict[str, Any] = {}
+for _group, _cls in GROUPS.items():
+    for _name, _type in typing.get_type_hints(_cls).items():
+        assert _name not in FIELD_GROUP, f"duplicate config field {_name}"
+        FIELD_GROUP[_name] = _group
+        FIELD_TYPES[_name] = _type
+
+
+def _locate(key: str) -> tuple[str, str]:
+    key = key.replace("-", "_")
+    if "." in key:
+        group, fname = key.split(".", 1)
+        if group in GROUPS and FIELD_GROUP.get(fname) == group:
+            return group, fname
+    elif key in FIELD_GROUP:
+        return FIELD_GROUP[key], key
+    valid = list(FIELD_GROUP) + [f"{g}.{f}" for f, g in FIELD_GROUP.items()]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.3)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got '{value}'{hint}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Turn a YAML or CLI value into the field's declared type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], key)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(value)
+        if origin is tuple:
+            items = split_list(value) if isinstance(value, str) else list(value)
+            args = typing.get_args(typ)
+            if len(items) != len(args):
+                raise ValueError(value)
+            return tuple(_coerce(v, a, key) for v, a in zip(items, args, strict=True))
+        if typ is int:
+            number = float(value)
+            if number != int(number):
+                raise ValueError(value)
+            return int(number)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"config key '{key}': cannot read {value!r} as {_type_name(typ)}")
+
+
+def _type_name(typ: Any) -> str:
+    return getattr(typ, "__name__", str(typ))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def split_list(value: str | list | None) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (lists pass through)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def join_uri(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                ) -> Config:
+    """Defaults <- recipe YAML (flat or grouped) <- overrides, then validate."""
+    cfg = Config()
+    if recipe is not None:
+        data = yaml.safe_load(Path(recipe).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{recipe}: a recipe must be a mapping")
+        cfg.name = Path(recipe).stem
+        for key, value in data.items():
+            if key in GROUPS and isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    cfg.set(f"{key}.{sub}", sub_value)
+            else:
+                cfg.set(key, value)
+    for key, value in (overrides or {}).items():
+        cfg.set(key, value)
+    return cfg.validate()
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``['--kd_ratio', '0.3', '--bf16', '--kd.kd_loss_fn=rkl']`` -> a dict of raw values.
+
+    A flag followed by another flag (or nothing) means True, as KDFlow's boolean flags do.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument '{token}' (options look like --key value)")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = "true"
+        _locate(key)  # fail early on typos, with a suggestion
+        out[key] = value
+        i += 1
+    return out

