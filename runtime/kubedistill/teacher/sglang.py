@@ -1,0 +1,152 @@
+"""The ``sglang`` teacher engine: an in-process ``sglang.Engine`` doing prefill only (GPU).
+
+Engine settings: ``enable_return_hidden_states=True``, ``disable_radix_cache=True`` (no
+prefix reuse across samples, so every state comes from a full prefill),
+``skip_tokenizer_init=True``, plus every ``teacher_*`` setting: ``tp_size``, ``ep_size``,
+``pp_size``, ``dp_size``, ``mem_fraction_static``, ``quantization``; with
+``enable_sleep`` the engine is built with ``enable_memory_saver=True`` and
+:meth:`sleep`/:meth:`wake` call ``release_memory_occupation`` / ``resume_memory_occupation``
+with ``teacher_offload_tags`` (``all`` = every tag). Only SGLang's public Engine API is used.
+
+Requests send ``input_ids`` (never text, so positions line up with the prepared masks) with
+``sampling_params={"max_new_tokens": 0}`` and ``return_hidden_states=True``. SGLang 0.5.x
+returns ``meta_info["hidden_states"]``: a list whose first item holds the prefill states,
+``[prompt_len, d]`` (nested lists), one later item per generated token (none here).
+
+Post-norm or not: for the Llama/Qwen/Mistral/Gemma families SGLang's model ``forward``
+applies the final norm before its ``LogitsProcessor``, whose input is what it stores, and
+SGLang's own test compares it with transformers' ``hidden_states[-1]`` (post-norm). But the
+``LogitsProcessor`` prefers a model's ``hidden_states_before_norm`` when one is passed, which
+some models (MTP/draft heads) do. So this engine **checks on start-up**: it runs one probe with
+``return_logprob=True, logprob_start_len=0`` and compares SGLang's own input-token log-probs
+with ``log_softmax(lm_head(h))`` built from the stored states; if they agree the states are
+used as they are, if they agree only after the teacher's final norm (loaded from the
+checkpoint, :mod:`kubedistill.teacher.weights`) that norm is applied here, otherwise it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from kubedistill.config import Config, split_list
+from kubedistill.errors import KubedistillError
+from kubedistill.teacher.head import TeacherHead
+
+log = logging.getLogger(__name__)
+_PROBE = list(range(100, 164))
+_TOLERANCE = 0.05  # max |logprob difference| of the probe (bf16 engines)
+
+
+def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
+    kd = cfg.kd
+    kwargs: dict[str, Any] = dict(
+        model_path=model_path, tp_size=kd.teacher_tp_size, ep_size=kd.teacher_ep_size,
+        pp_size=kd.teacher_pp_size, dp_size=kd.teacher_dp_size,
+        mem_fraction_static=kd.teacher_mem_fraction_static,
+        enable_return_hidden_states=True, disable_radix_cache=True, skip_tokenizer_init=True,
+        trust_remote_code=cfg.model.trust_remote_code, random_seed=cfg.train.seed,
+        enable_memory_saver=bool(cfg.train.enable_sleep))
+    if kd.teacher_quantization:
+        kwargs["quantization"] = kd.teacher_quantization
+    return kwargs
+
+
+def prefill_states(hidden: Any, n_tokens: int, hidden_size: int) -> torch.Tensor:
+    """``meta_info["hidden_states"]`` -> ``[n_tokens, d]`` float32 (prefill part only)."""
+    first = torch.as_tensor(hidden[0], dtype=torch.float32)
+    states = first if first.dim() >= 2 else torch.as_tensor(hidden, dtype=torch.float32)
+    states = states.reshape(-1, hidden_size)
+    if states.shape[0] < n_tokens:
+        raise KubedistillError(f"sglang returned {states.shape[0]} hidden states for a "
+                               f"{n_tokens}-token prompt")
+    return states[:n_tokens]
+
+
+class SGLangTeacherEngine:
+    def __init__(self, engine: Any, hidden_size: int, head: TeacherHead,
+                 final_norm: torch.nn.Module | None, offload_tags: list[str] | None):
+        self.engine = engine
+        self.hidden_size = hidden_size
+        self.head = head
+        self.final_norm = final_norm
+        self.apply_norm = False
+        self.offload_tags = offload_tags
+
+    @classmethod
+    def from_config(cls, cfg: Config, model_path: str) -> SGLangTeacherEngine:
+        import sglang  # lazy: GPU images only
+
+        from kubedistill.teacher.weights import load_submodule
+
+        model, norm = load_submodule(model_path, lambda m: m.base_model.norm,
+                                     cfg.model.trust_remote_code)
+        hidden_size = int(model.config.get_text_config().hidden_size)
+        head = TeacherHead.from_pretrained(model_path, cfg.model.trust_remote_code)
+        tags = split_list(cfg.kd.teacher_offload_tags)
+        engine = sglang.Engine(**engine_kwargs(cfg, model_path))
+        self = cls(engine, hidden_size, head, norm.float().eval(),
+                   None if tags in ([], ["all"]) else tags)
+        self.check_post_norm()
+        return self
+
+    def _generate(self, sequences: Sequence[Sequence[int]], **extra: Any) -> list[dict]:
+        out = self.engine.generate(input_ids=[list(map(int, s)) for s in sequences],
+                                   sampling_params={"max_new_tokens": 0, "temperature": 0.0},
+                                   return_hidden_states=True, **extra)
+        return out if isinstance(out, list) else [out]
+
+    @torch.inference_mode()
+    def check_post_norm(self) -> None:
+        """Decide whether returned states need the final norm (see the module docstring)."""
+        out = self._generate([_PROBE], return_logprob=True, logprob_start_len=0)[0]
+        states = prefill_states(out["meta_info"]["hidden_states"], len(_PROBE),
+                                self.hidden_size)
+        ref = torch.tensor([float(t[0]) for t in out["meta_info"]["input_token_logprobs"][1:]])
+        targets = torch.tensor(_PROBE[1:])
+
+        def error(h: torch.Tensor) -> float:
+            lp = torch.log_softmax(self.head.logits(h[:-1]), dim=-1)
+            return float((lp.gather(1, targets[:, None])[:, 0] - ref).abs().max())
+
+        as_is, normed = error(states), error(self.final_norm(states))
+        log.info("sglang hidden-state probe: max |dlogprob| as returned %.4f, after the final "
+                 "norm %.4f", as_is, normed)
+        if as_is <= _TOLERANCE:
+            return
+        if normed <= _TOLERANCE:
+            log.warning("sglang returns pre-norm hidden states; applying the teacher's final "
+                        "norm here")
+            self.apply_norm = True
+            return
+        raise KubedistillError(f"sglang hidden states do not reproduce its own log-probs "
+                               f"(max error {min(as_is, normed):.3f}); refusing to cache them")
+
+    @torch.inference_mode()
+    def final_states(self, sequences: Sequence[Sequence[int]],
+                     positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        result = [torch.zeros(len(p), self.hidden_size) for p in positions]
+        todo = [i for i, p in enumerate(positions) if len(p)]
+        if not todo:
+            return result
+        outputs = self._generate([sequences[i] for i in todo])
+        for i, out in zip(todo, outputs, strict=True):
+            states = prefill_states(out["meta_info"]["hidden_states"], len(sequences[i]),
+                                    self.hidden_size)
+            states = states[torch.as_tensor(positions[i], dtype=torch.long)]
+            result[i] = self.final_norm(states) if self.apply_norm else states
+        return result
+
+    def sleep(self) -> None:
+        self.engine.release_memory_occupation(tags=self.offload_tags)
+
+    def wake(self) -> None:
+        self.engine.resume_memory_occupation(tags=self.offload_tags)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

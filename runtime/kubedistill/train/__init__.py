@@ -1,0 +1,1 @@
+"""The train stage: FSDP2 training of the student under torchrun (see launch.train)."""

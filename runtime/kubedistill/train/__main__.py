@@ -1,0 +1,30 @@
+"""Worker entry point: ``torchrun ... -m kubedistill.train --config CONFIG.yaml [--key v]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kubedistill.config import load_config, parse_overrides
+from kubedistill.errors import KubedistillError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kubedistill.train")
+    parser.add_argument("--config", required=True, help="resolved config YAML")
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, parse_overrides(rest))
+    from kubedistill.train.trainer import run_worker
+
+    try:
+        run_worker(cfg)
+    except KubedistillError as exc:
+        print(f"kubedistill: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""``train(cfg) -> save_path``: the train stage's entry point.
+
+Outside ``torchrun`` it writes the resolved config to ``{work_dir}/train/config.yaml`` and
+starts ``torchrun`` with ``num_gpus_per_node`` processes per node (on CPU: the number of
+processes), ``num_nodes`` nodes (then ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` or
+torchrun's ``PET_*`` variables name the rendezvous, as Kubeflow Trainer sets them), and
+waits. Under ``torchrun`` it runs the worker (:func:`kubedistill.train.trainer.run_worker`)
+in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+from kubedistill import storage
+from kubedistill.config import Config
+from kubedistill.errors import KubedistillError
+
+log = logging.getLogger(__name__)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def local_work_dir(cfg: Config) -> str:
+    """A local directory for this run's local files (``work_dir`` itself when local)."""
+    wd = cfg.storage.work_dir
+    if storage.is_local(wd):
+        return storage.local_path(wd)
+    tag = hashlib.sha256(wd.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "kubedistill-work", tag)
+
+
+def torchrun_command(cfg: Config, config_file: str) -> list[str]:
+    t = cfg.train
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           f"--nproc_per_node={t.num_gpus_per_node}"]
+    if t.num_nodes > 1:
+        cmd += [f"--nnodes={t.num_nodes}"]
+        for flag, var in (("node_rank", "NODE_RANK"), ("master_addr", "MASTER_ADDR"),
+                          ("master_port", "MASTER_PORT")):
+            if var in os.environ:
+                cmd.append(f"--{flag}={os.environ[var]}")
+    else:
+        cmd += ["--standalone"]
+    return cmd + ["-m", "kubedistill.train", "--config", config_file]
+
+
+def train(cfg: Config, tracker_factory: Callable | None = None) -> str:
+    """Train the student; returns ``cfg.train.save_path`` (the final HF directory).
+
+    ``tracker_factory(cfg, stage) -> Tracker`` is used on rank 0 when running in this
+    process (under torchrun); spawned workers find ``kubedistill.tracking.make_tracker``.
+    """
+    if under_torchrun():
+        from kubedistill.train.trainer import run_worker
+
+        return run_worker(cfg, tracker_factory)
+    cfg.validate(cfg.train.num_nodes * cfg.train.num_gpus_per_node)
+    config_file = os.path.join(local_work_dir(cfg), "train", "config.yaml")
+    os.makedirs(os.path.dirname(config_file), exist_ok=True)
+    with open(config_file, "w") as f:
+        f.write(cfg.to_yaml())
+    cmd = torchrun_command(cfg, config_file)
+    log.info("launching: %s", " ".join(cmd))
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise KubedistillError(f"training failed: torchrun exited with code {rc} "
+                               "(the worker's error is printed above)")
+    return cfg.train.save_path

@@ -1,0 +1,42 @@
+"""LoRA through peft: wrap the student before sharding; export merged or as adapters.
+
+``lora_rank > 0`` turns it on with ``lora_alpha``, ``lora_dropout`` and ``target_modules``
+(``all-linear`` or a comma-separated list of module names). The base weights are frozen;
+only the adapters train (and are sharded by FSDP2 with the rest of each layer).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kubedistill.config import ModelConfig, split_list
+
+
+def lora_enabled(cfg: ModelConfig) -> bool:
+    return cfg.lora_rank > 0
+
+
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``model`` wrapped as a ``PeftModel`` (unchanged when LoRA is off)."""
+    if not lora_enabled(cfg):
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                        target_modules=targets if targets == "all-linear" else split_list(targets))
+    return get_peft_model(model, config)
+
+
+def base_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers ``*ForCausalLM`` inside a ``PeftModel`` (or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def finalize(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """What to save: the merged plain model, or the ``PeftModel`` when saving adapters."""
+    if not lora_enabled(cfg) or cfg.lora_save_adapters:
+        return model
+    return model.merge_and_unload()

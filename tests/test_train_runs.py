@@ -1,0 +1,298 @@
+"""The train stage for real: torchrun on CPU (gloo), tiny Llama student + tiny teacher with
+the SmolLM2 tokenizer, vanilla KD from a real teacher cache.
+
+- 2 ranks follow the 1-rank loss curve (and end at the same weights); so do packed and
+  dynamic batches (with HSDP and gradient checkpointing switched on in those runs);
+- the first step matches a plain single-process PyTorch computation of the same loss;
+- N = 21 samples with a global batch of 4: every sample and loss token is trained on;
+- a run SIGKILLed after its step-2 checkpoint and resumed ends with the same weights;
+- the final HF directory loads and generates; LoRA merged == base + saved adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kubedistill.config import Config
+from kubedistill.train.launch import torchrun_command, train
+
+N_TRAIN, N_EVAL, GBS = 21, 5, 4
+STEPS = -(-N_TRAIN // GBS)  # 6; the last step holds 1 sample: one of 2 ranks has none
+
+
+def _rows(n: int, seed: int, split: str) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(10, 48))
+        prompt = int(rng.integers(3, length - 3))
+        ids = rng.integers(100, 400, length).tolist()  # learnable: few distinct tokens
+        rows.append({"id": f"{split}:{i}", "input_ids": ids, "prompt_len": prompt,
+                     "loss_mask": [0] * prompt + [1] * (length - prompt), "response": ""})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> str:
+    import pyarrow.parquet as pq
+
+    from kubedistill.data.prepared import to_table
+
+    root = tmp_path_factory.mktemp("prepared")
+    for split, n, seed in (("train", N_TRAIN, 0), ("eval", N_EVAL, 1)):
+        pq.write_table(to_table(_rows(n, seed, split)), root / f"{split}.parquet")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(prepared, tiny_teacher_dir, tmp_path_factory) -> str:
+    from kubedistill.teacher.cache import cache_teacher
+
+    cfg = Config()
+    path = str(tmp_path_factory.mktemp("cache") / "teacher_cache")
+    for k, v in dict(teacher_name_or_path=tiny_teacher_dir, prepared_path=prepared,
+                     teacher_cache_path=path, teacher_backend="hf", cache_dtype="fp32",
+                     work_dir=str(tmp_path_factory.mktemp("cache_wd"))).items():
+        cfg.set(k, v)
+    cache_teacher(cfg)
+    return path
+
+
+class Runs:
+    """Launches each named run once per module; ``get(name)`` -> its outputs."""
+
+    def __init__(self, base: dict, root):
+        self.base, self.root, self.done = base, root, {}
+
+    def config(self, name: str, **over) -> Config:
+        cfg, wd = Config(), self.root / name
+        values = dict(self.base, work_dir=str(wd), save_path=str(wd / "model"),
+                      ckpt_path=str(wd / "ckpt"), **over)
+        for k, v in values.items():
+            cfg.set(k, v)
+        return cfg
+
+    def get(self, name: str, **over) -> dict:
+        if name not in self.done:
+            cfg = self.config(name, **over)
+            assert train(cfg) == cfg.train.save_path
+            self.done[name] = outputs(cfg)
+        return self.done[name]
+
+
+def outputs(cfg: Config) -> dict:
+    wd = cfg.storage.work_dir
+    with open(os.path.join(wd, "train", "train_log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    save = cfg.train.save_path
+    with open(os.path.join(save, "train_summary.json")) as f:
+        summary = json.load(f)
+    weights = os.path.join(save, "model.safetensors")
+    return {"cfg": cfg, "train": [r for r in log if "train/loss" in r],
+            "eval": [r for r in log if "eval/loss" in r], "summary": summary,
+            "weights": load_file(weights) if os.path.exists(weights) else None}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tiny_teacher_dir, prepared, teacher_cache, tmp_path_factory):
+    base = dict(student_name_or_path=tiny_model_dir, teacher_name_or_path=tiny_teacher_dir,
+                prepared_path=prepared, teacher_cache_path=teacher_cache,
+                kd_algorithm="vanilla_kd", kd_ratio=0.5, kd_loss_fn="kl", cache_dtype="fp32",
+                num_gpus_per_node=2, train_batch_size=GBS, micro_train_batch_size=1,
+                learning_rate=2e-3, lr_warmup_ratio=0.0, min_lr=1e-4, weight_decay=0.01,
+                max_norm=1.0, num_epochs=1, eval_steps=3, save_steps=2, logging_steps=1,
+                chunked_loss_size=16, seed=3, tracking_uri="off", device="cpu")
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # 1 rank must not oversubscribe the shared cores
+    yield Runs(base, tmp_path_factory.mktemp("runs"))
+    if saved is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = saved
+
+
+def losses(run: dict, key: str = "train/loss") -> np.ndarray:
+    return np.array([r[key] for r in run["train"]])
+
+
+def assert_same_curve(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert len(a["train"]) == len(b["train"]) == STEPS
+    for key in ("train/loss", "train/ce", "train/kd", "train/grad_norm"):
+        np.testing.assert_allclose(losses(a, key), losses(b, key), atol=tol, rtol=0, err_msg=key)
+    np.testing.assert_allclose([r["eval/loss"] for r in a["eval"]],
+                               [r["eval/loss"] for r in b["eval"]], atol=tol, rtol=0)
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a["weights"].keys() == b["weights"].keys()
+    return max(float((a["weights"][k] - b["weights"][k]).abs().max()) for k in a["weights"])
+
+
+def test_two_ranks_follow_the_one_rank_curve(runs):
+    one, two = runs.get("one", num_gpus_per_node=1), runs.get("two")
+    assert_same_curve(one, two)
+    assert losses(two)[-1] < losses(two)[0] and two["eval"][-1]["eval/loss"] < two["eval"][0][
+        "eval/loss"]
+    assert max_weight_diff(one, two) < 1e-4
+
+
+def test_packed_batches_follow_the_unpacked_curve(runs):
+    # one micro-batch of 2 packed samples per rank, on an HSDP mesh (replicate 2 x shard 1)
+    packed = runs.get("packed", packing_samples=True, micro_train_batch_size=2, fsdp_size=1)
+    assert_same_curve(runs.get("two"), packed)
+
+
+def test_dynamic_batches_follow_the_fixed_curve(runs):
+    dynamic = runs.get("dynamic", use_dynamic_bsz=True, max_token_len_per_gpu=64,
+                       gradient_checkpointing=True)
+    assert_same_curve(runs.get("two"), dynamic)
+
+
+def test_every_sample_and_loss_token_is_trained_on(runs, prepared):
+    from kubedistill.train.data import load_prepared
+
+    split = load_prepared(prepared, "train")
+    two = runs.get("two")
+    summary = two["summary"]
+    assert summary["steps"] == STEPS and summary["samples"] == N_TRAIN
+    assert summary["loss_tokens"] == int(split.loss_tokens.sum())
+    assert sum(r["train/samples"] for r in two["train"]) == N_TRAIN
+    assert two["train"][-1]["train/samples"] == 1  # the remainder step, not dropped
+    assert summary["final_eval"]["eval/samples"] == N_EVAL
+
+
+def test_first_step_matches_a_plain_pytorch_step(runs, prepared, teacher_cache):
+    """No FSDP, no torchrun: the same samples, loss and normaliser by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from kubedistill.algorithms import build_algorithm
+    from kubedistill.teacher.reader import TeacherCache
+    from kubedistill.train import data
+
+    one = runs.get("one", num_gpus_per_node=1)
+    cfg = one["cfg"]
+    split = data.load_prepared(prepared, "train")
+    cache = TeacherCache(teacher_cache)
+    order = data.epoch_order(len(split), cfg.train.seed, 0)
+    plan = data.plan_step(order, 0, 0, split.lengths, 1, batch_size=GBS, micro_bsz=GBS)
+    batch = data.BatchBuilder(split, pad_id=0, packing=False, teacher=cache).build(
+        plan.micro[0][0][0])
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.student_name_or_path,
+                                                 attn_implementation="sdpa")
+    algo = build_algorithm(cfg, cache.head(), model.config.hidden_size)
+    h = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    out = algo(batch, h.reshape(-1, h.shape[-1])[batch.loss_index],
+               model.lm_head.weight, float(batch.num_loss_tokens))
+    out["loss"].backward()
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
+                                          if p.grad is not None])
+    first = one["train"][0]
+    assert first["train/loss"] == pytest.approx(float(out["loss"]), abs=1e-5)
+    assert first["train/grad_norm"] == pytest.approx(float(norm), abs=1e-4)
+    assert first["train/loss_tokens"] == batch.num_loss_tokens
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(runs):
+    cfg = runs.config("killed")
+    config_file = os.path.join(cfg.storage.work_dir, "train", "config.yaml")
+    os.makedirs(os.path.dirname(config_file), exist_ok=True)
+    with open(config_file, "w") as f:
+        f.write(cfg.to_yaml())
+    proc = subprocess.Popen(torchrun_command(cfg, config_file), start_new_session=True)
+    latest = os.path.join(cfg.train.ckpt_path, "latest.json")
+    deadline = time.monotonic() + 240
+    try:
+        while not os.path.exists(latest) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and its workers
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    with open(latest) as f:
+        assert json.load(f)["step"] == 2
+    assert not os.path.exists(os.path.join(cfg.train.save_path, "train_summary.json"))
+
+    cfg.train.resume = True
+    train(cfg)
+    resumed, straight = outputs(cfg), runs.get("two")
+    assert max_weight_diff(resumed, straight) < 1e-6
+    assert resumed["summary"]["steps"] == STEPS
+    assert resumed["summary"]["samples"] == N_TRAIN
+    assert resumed["summary"]["loss_tokens"] == straight["summary"]["loss_tokens"]
+    np.testing.assert_allclose(losses(resumed)[-STEPS + 2:], losses(straight)[2:], atol=1e-6)
+
+
+def _generate(model_dir: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kw).eval()
+    ids = tok("What is 2+2?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+        logits = model(ids).logits
+    assert gen.shape[1] == ids.shape[1] + 4
+    return gen, logits
+
+
+def test_final_model_loads_and_generates(runs):
+    save = runs.get("two")["cfg"].train.save_path
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(save))
+    _generate(save)
+
+
+def test_lora_merged_equals_base_plus_adapters(runs, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = dict(lora_rank=4, lora_alpha=8, target_modules="q_proj,v_proj,down_proj",
+                learning_rate=1e-2, max_steps=2, eval_steps=-1, save_steps=-1)
+    merged = runs.get("lora_merged", **lora)["cfg"].train.save_path
+    adapters = runs.get("lora_adapters", num_gpus_per_node=1, lora_save_adapters=True,
+                        **lora)["cfg"].train.save_path
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapters))
+    assert not any(k.endswith(".safetensors") and "adapter" not in k
+                   for k in os.listdir(adapters))
+    gen_merged, logits_merged = _generate(merged)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with_adapters = PeftModel.from_pretrained(base, adapters).eval()
+    ids = gen_merged[:, :-4]
+    with torch.no_grad():
+        logits_adapters = with_adapters(ids).logits
+        logits_base = base.get_base_model()(ids).logits if hasattr(base, "get_base_model") \
+            else AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    torch.testing.assert_close(logits_merged, logits_adapters, atol=1e-4, rtol=1e-4)
+    assert (logits_merged - logits_base).abs().max() > 1e-3  # the adapters did train
