@@ -69,16 +69,18 @@ def child(args) -> dict:
                                  hparams={"jsd_beta": 0.5}, chunk_size=chunk).loss
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu_times = [], []
     for i in range(args.repeats + 1):
         h.grad = w.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step()
         loss.backward()
         if i:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"case": args.case, "vocab": v, "time_s": statistics.median(times),
+            "cpu_s": statistics.median(cpu_times),
             "peak_mib": (peak - baseline) / 1024, "loss": float(loss.detach()),
             "gh": h.grad[:: max(1, n // 16), :4].flatten().tolist(),
             "gw": w.grad[:: max(1, v // 16), :4].flatten().tolist()}
@@ -99,6 +101,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--teacher-hidden", type=int, default=576)
     p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                   help="ratios are to unchunked when it runs, else to the last case")
     args = p.parse_args()
     if args.case:
         args.vocab, args.repeats = args.vocab[0], args.repeats[0]
@@ -109,27 +113,28 @@ def main() -> None:
 
     print(f"N={args.tokens} d={args.hidden} d_t={args.teacher_hidden} chunk={args.chunk} "
           f"torch {torch.__version__} threads={torch.get_num_threads()} cpus={os.cpu_count()}")
-    print("| V | case | fwd+bwd s | x unchunked | peak MiB | x unchunked | loss | max rel diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| V | N | case | wall s | CPU s | CPU x ref | peak MiB | peak x ref | loss "
+          "| max rel diff to ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for vocab, reps in zip(args.vocab, repeats, strict=True):
         results = {}
-        for case in CASES:
+        for case in args.cases:
             cmd = [sys.executable, __file__, "--case", case, "--vocab", str(vocab),
                    "--repeats", str(reps), "--tokens", str(args.tokens), "--hidden",
                    str(args.hidden), "--teacher-hidden", str(args.teacher_hidden),
                    "--chunk", str(args.chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[case] = json.loads(out.stdout.strip().splitlines()[-1])
-        ref = results["unchunked"]
-        for case in CASES:
+        ref_name = "unchunked" if "unchunked" in results else args.cases[-1]
+        ref = results[ref_name]
+        for case in args.cases:
             r = results[case]
             diff = max(abs(r["loss"] - ref["loss"]) / abs(ref["loss"]),
                        max_rel(r["gh"], ref["gh"]), max_rel(r["gw"], ref["gw"]))
-            print(f"| {vocab:,} | {case} | {r['time_s']:.2f} | "
-                  f"{r['time_s'] / ref['time_s']:.2f} | {r['peak_mib']:.0f} | "
-                  f"{r['peak_mib'] / ref['peak_mib']:.2f} | {r['loss']:.6f} | {diff:.1e} |",
-                  flush=True)
-
+            print(f"| {vocab:,} | {args.tokens} | {case} | {r['time_s']:.1f} | "
+                  f"{r['cpu_s']:.1f} | {r['cpu_s'] / ref['cpu_s']:.2f} ({ref_name}) | "
+                  f"{r['peak_mib']:.0f} | {r['peak_mib'] / ref['peak_mib']:.2f} | "
+                  f"{r['loss']:.6f} | {diff:.1e} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 :func:`tokenizer_report` describes one tokenizer: its vocabulary size (``len(tokenizer)``)
 against the model's embedding rows (``vocab_size`` in the model's ``config.json`` when the
-model directory has one), bos/eos/pad tokens and ids, whether it adds BOS/EOS itself, and
-the sha256 of its chat template. :func:`pair_report` compares student and teacher:
+model directory has one), bos/eos/pad tokens and ids, whether it adds BOS/EOS itself, the
+sha256 of its chat template and how it renders a short chat. :func:`pair_report` compares
+student and teacher:
 
 - ``same_vocab``: identical token -> id maps (then the teacher's logits and the student's
   index the same tokens, which same-vocabulary algorithms such as ``vanilla_kd`` need);
@@ -16,6 +17,8 @@ the sha256 of its chat template. :func:`pair_report` compares student and teache
 
 :func:`check_algorithm` raises ConfigError when a same-vocabulary algorithm is given a pair
 whose vocabularies differ, naming the cross-tokenizer algorithms instead.
+:func:`load_pair` loads the tokenizers of a run (reused while their files are unchanged) and
+runs all of the above.
 """
 
 from __future__ import annotations
@@ -58,7 +61,20 @@ def tokenizer_report(tokenizer: Any, name: str, model_dir: str | None = None) ->
         "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id,
         "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id,
         "chat_template_hash": template_hash(tokenizer),
+        "chat_template_example": _example(tokenizer),
     }
+
+
+def _example(tokenizer: Any) -> str | None:
+    """How the chat template renders a one-exchange chat (None without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+            tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a broken template is reported, not fatal here
+        return f"<template error: {exc}>"
 
 
 @functools.cache

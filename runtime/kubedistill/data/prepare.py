@@ -15,7 +15,9 @@
 4. write ``train.parquet``, ``eval.parquet``, ``bad_rows.jsonl`` and, LAST and atomically,
    ``manifest.json``.
 
-An empty train split, or an ``eval_dataset_path`` that yields nothing, is a DataError.
+An empty train split, or an ``eval_dataset_path`` that yields nothing, is a DataError. Bad
+rows and length counts are kept per *input role* (``train`` inputs, ``eval`` inputs): rows
+split off the train inputs into eval are counted under ``train``.
 Rows are processed in one process; ``preprocess_num_workers`` is accepted and not used.
 """
 
@@ -94,16 +96,7 @@ def prepare(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"token id {builder.max_student_id} does not fit the student's "
                           f"{rows} embedding rows; the tokenizer and model do not match")
 
-    tables = {"train": prepared.to_table(train_rows), "eval": prepared.to_table(eval_rows)}
-    splits = {}
-    for split, table in tables.items():
-        blob = prepared.table_bytes(table)
-        storage.write_bytes_atomic(storage.join(out, f"{split}.parquet"), blob)
-        splits[split] = {**prepared.split_stats(table), "file": f"{split}.parquet",
-                         "sha256": storage.sha256_bytes(blob),
-                         "content_hash": prepared.content_hash(table)}
-    storage.write_bytes_atomic(storage.join(out, "bad_rows.jsonl"), "".join(
-        json.dumps(b, ensure_ascii=False) + "\n" for b in builder.bad).encode())
+    splits = _write_data(out, {"train": train_rows, "eval": eval_rows}, builder.bad)
     manifest = {
         "schema_version": prepared.SCHEMA_VERSION, "stage": "prepare",
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -133,6 +126,21 @@ def prepare(cfg: Config) -> dict[str, Any]:
              splits["eval"]["rows"], len(builder.bad),
              {k: dict(v) for k, v in builder.length.items()})
     return manifest
+
+
+def _write_data(out: str, rows: dict[str, list], bad: list[dict[str, Any]]) -> dict:
+    """Write the split files and the bad-row report; returns the manifest's ``splits``."""
+    splits = {}
+    for split, split_rows in rows.items():
+        table = prepared.to_table(split_rows)
+        blob = prepared.table_bytes(table)
+        storage.write_bytes_atomic(storage.join(out, f"{split}.parquet"), blob)
+        splits[split] = {**prepared.split_stats(table), "file": f"{split}.parquet",
+                         "sha256": storage.sha256_bytes(blob),
+                         "content_hash": prepared.content_hash(table)}
+    storage.write_bytes_atomic(storage.join(out, "bad_rows.jsonl"), "".join(
+        json.dumps(b, ensure_ascii=False) + "\n" for b in bad).encode())
+    return splits
 
 
 def _read_all(refs: list[str], split_name: str, role: str, builder: SampleBuilder) -> list:

@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kubedistill.losses.analytic import ANALYTIC, ce_value_and_grad
 from kubedistill.losses.divergences import LOSSES, _upcast
 
 
@@ -99,6 +100,33 @@ def _terms(logits: torch.Tensor, teacher_logits: torch.Tensor | None, spec: _Spe
     return objective, (ce * spec.inv_norm).detach(), (kd * spec.inv_norm).detach()
 
 
+def _analytic_terms(logits, teacher_logits, spec: _Spec, start: int, end: int, kd_grad_fn):
+    """:func:`_terms` plus the gradient w.r.t. the logits, in closed form (losses.analytic)."""
+    targets = spec.targets[start:end]
+    weights = None if spec.weights is None else _upcast(spec.weights[start:end])
+    ce_coef = spec.ce_coef if weights is None or _is_zero(spec.ce_coef) \
+        else spec.ce_coef * weights
+    ce_tok, g = ce_value_and_grad(logits, targets, ce_coef)
+    ce = _wsum(ce_tok, weights)
+    kd = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    if teacher_logits is not None:
+        v = min(logits.shape[-1], teacher_logits.shape[-1])
+        kd_tok, kd_g = kd_grad_fn(logits[:, :v], teacher_logits[:, :v], spec.temperature,
+                                  **spec.hparams)
+        kd = _wsum(kd_tok, weights)
+        if not _is_zero(spec.kd_coef):
+            kd_g.mul_(spec.kd_coef if weights is None else (spec.kd_coef * weights)[:, None])
+            if g is None and v == logits.shape[-1]:
+                g = kd_g
+            else:
+                if g is None:
+                    g = torch.zeros_like(logits)
+                g[:, :v] += kd_g
+        del kd_g
+    objective = spec.ce_coef * ce + spec.kd_coef * kd
+    return objective, ce * spec.inv_norm, kd * spec.inv_norm, g
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, spec: _Spec):
@@ -114,14 +142,22 @@ class _FusedLinearKD(torch.autograd.Function):
             end = min(start + spec.chunk_size, n)
             h_chunk = hidden[start:end]
             teacher_logits = spec.teacher_logits(start, end)
-            with torch.enable_grad():
-                logits = _upcast(h_chunk @ weight.T).requires_grad_()
-                objective, ce, kd = _terms(logits, teacher_logits, spec, start, end, True)
-                g = torch.autograd.grad(objective, logits)[0] if objective.requires_grad \
-                    else None
+            logits = _upcast(h_chunk @ weight.T)
+            kd_grad_fn = ANALYTIC.get(spec.loss_fn)
+            if teacher_logits is None or kd_grad_fn is not None:
+                objective, ce, kd, g = _analytic_terms(logits, teacher_logits, spec, start,
+                                                       end, kd_grad_fn)
+            else:
+                with torch.enable_grad():
+                    logits.requires_grad_()
+                    objective, ce, kd = _terms(logits, teacher_logits, spec, start, end, True)
+                    g = torch.autograd.grad(objective, logits)[0] \
+                        if objective.requires_grad else None
             loss += objective.detach()
             ce_total += ce
             kd_total += kd
+            # free this chunk's graph and logits before the next chunk allocates its own
+            del objective, logits, teacher_logits
             if g is None:  # both coefficients are 0: this chunk adds no gradient
                 if need_h:
                     grad_h[start:end].zero_()
@@ -130,7 +166,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 grad_h[start:end] = g.to(weight.dtype) @ weight
             if need_w:
                 grad_w.addmm_(g.T.to(acc_dtype), h_chunk.to(acc_dtype))
-            del logits, g
+            del g
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         ctx.mark_non_differentiable(ce_total, kd_total)
         return loss, ce_total, kd_total

@@ -256,7 +256,7 @@ class MlflowTracker:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("MLflow at %s unreachable; buffering %d metrics, will retry every "
-                        "%.0fs (spool: %s). Cause: %s", self.uri, self._pending_metrics(),
+                        "%gs (spool: %s). Cause: %s", self.uri, self._pending_metrics(),
                         self.retry_interval, self.spool_path, str(exc).splitlines()[0][:200])
 
     def _came_back(self) -> None:

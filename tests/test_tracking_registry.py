@@ -1,0 +1,158 @@
+"""Registry + promotion against a real ``mlflow server`` (sqlite, artifacts proxied to moto's
+S3 server): evaluate -> register -> promote, champion loads and generates; a worse second run
+leaves champion alone and tags the decision; an unreachable registry fails with
+ServiceUnavailable after bounded retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow_server import MlflowServer, free_port
+from test_evaluate_stage import eval_rows, make_cfg, write_prepared
+
+from kubedistill.errors import ServiceUnavailable
+from kubedistill.models import load_tokenizer
+
+NAME = "kd-tiny-student"
+
+
+@pytest.fixture(scope="module")
+def server(s3_server, tmp_path_factory):
+    import s3fs
+
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).mkdir(bucket)
+    srv = MlflowServer(str(tmp_path_factory.mktemp("mlflow") / "mlflow.db"),
+                       artifacts_destination=f"s3://{bucket}/mlartifacts", s3_endpoint=s3_server)
+    srv.bucket = bucket
+    with srv:
+        yield srv
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    monkeypatch.setenv("KUBEDISTILL_SYSTEM_METRICS", "0")
+    monkeypatch.setenv("KUBEDISTILL_MLFLOW_RETRIES", "3")
+    monkeypatch.setenv("KUBEDISTILL_MLFLOW_BACKOFF_S", "0.05")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def _worse_copy(model_dir: str, out: str) -> str:
+    """Same model with logits sharpened 30x: a much higher cross-entropy."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    model.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    return out
+
+
+def _cfg(tmp, name, prepared, student, teacher, url, pipeline_run):
+    cfg = make_cfg(tmp / name, prepared, student, teacher=teacher, n_gen=2, max_new=4)
+    cfg.tracking.tracking_uri = url
+    cfg.tracking.registered_model_name = NAME
+    cfg.tracking.pipeline_run_id = pipeline_run
+    return cfg
+
+
+def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_teacher_dir):
+    from kubedistill.evaluate.stage import evaluate
+    from kubedistill.tracking.registry import promote, register
+
+    prepared = write_prepared(str(tmp_path / "prepared"),
+                              eval_rows(load_tokenizer(tiny_model_dir)))
+    client = MlflowClient(server.url, server.url)
+
+    # run 1: first version becomes champion
+    cfg1 = _cfg(tmp_path, "run1", prepared, tiny_model_dir, tiny_teacher_dir, server.url, "pr-1")
+    metrics1 = evaluate(cfg1)
+    reg1 = register(cfg1)
+    assert reg1["version"] == "1" and reg1["score"] == metrics1["score"]
+    again = register(cfg1)  # idempotent: same version, no second one
+    assert again["version"] == "1" and again["run_id"] == reg1["run_id"]
+    prom1 = promote(cfg1)
+    assert prom1["promoted"] and "first version" in prom1["reason"]
+    champ = client.get_model_version_by_alias(NAME, "champion")
+    assert champ.version == "1"
+    assert client.get_model_version_by_alias(NAME, "challenger").version == "1"
+    tags = champ.tags
+    assert tags["teacher"] == tiny_teacher_dir and tags["pipeline_run_id"] == "pr-1"
+    assert tags["data_hash"] == "testdatahash" and tags["score_metric"] == "eval_ce"
+    assert float(tags["score"]) == pytest.approx(metrics1["score"])
+    assert tags["eval_data_hash"] == metrics1["eval_data_hash"]
+    assert tags["promotion_decision"] == "promoted"
+    saved = json.loads((tmp_path / "run1" / "registry" / "registration.json").read_text())
+    assert saved["version"] == "1"
+
+    # the evaluate stage logged its own nested run under the pipeline's parent run
+    parent = json.loads((tmp_path / "run1" / "mlflow_parent_run.json").read_text())["run_id"]
+    kids = client.search_runs([client.get_run(parent).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent}'")
+    assert {"evaluate", "register"} <= {r.info.run_name for r in kids}
+    ev = next(r for r in kids if r.info.run_name == "evaluate")
+    assert ev.data.metrics["eval_ce"] == pytest.approx(metrics1["eval_ce"])
+    assert {a.path for a in client.list_artifacts(ev.info.run_id, "eval")} == \
+        {"eval/metrics.json", "eval/generations.jsonl"}
+
+    # artifacts went through the server to S3
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.s3_endpoint})
+    assert any(p.endswith("model.safetensors") for p in fs.find(f"{server.bucket}/mlartifacts"))
+
+    # the champion loads through the alias and generates
+    import mlflow
+
+    pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
+    out = pipe("What is 2 + 3?", max_new_tokens=5, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > 0
+
+    # run 2: a worse student is registered as challenger but not promoted
+    worse = _worse_copy(tiny_model_dir, str(tmp_path / "worse"))
+    cfg2 = _cfg(tmp_path, "run2", prepared, worse, tiny_teacher_dir, server.url, "pr-2")
+    metrics2 = evaluate(cfg2)
+    assert metrics2["score"] > metrics1["score"]  # CE: lower is better
+    assert metrics2["eval_data_hash"] == metrics1["eval_data_hash"]
+    reg2 = register(cfg2)
+    assert reg2["version"] == "2"
+    prom2 = promote(cfg2)
+    assert not prom2["promoted"] and "does not beat" in prom2["reason"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == "1"
+    assert client.get_model_version_by_alias(NAME, "challenger").version == "2"
+    v2 = client.get_model_version(NAME, "2").tags
+    assert v2["promotion_decision"] == "rejected"
+    assert float(v2["champion_score"]) == pytest.approx(metrics1["score"])
+    assert float(v2["challenger_score"]) == pytest.approx(metrics2["score"])
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+    promo = json.loads((tmp_path / "run2" / "registry" / "promotion.json").read_text())
+    assert promo["promoted"] is False and promo["champion"] == "1"
+
+
+def test_registry_unreachable(tmp_path, fast, tiny_model_dir, caplog):
+    from kubedistill.tracking.registry import promote, register
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    cfg = make_cfg(tmp_path / "w", tmp_path / "prepared", tiny_model_dir)
+    cfg.tracking.tracking_uri = url
+    t0 = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="unreachable while registering.*3 attempts"):
+        register(cfg)
+    assert time.monotonic() - t0 < 20
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) == 2
+    assert not os.path.exists(tmp_path / "w" / "registry" / "registration.json")
+
+    os.makedirs(tmp_path / "w" / "registry")
+    (tmp_path / "w" / "registry" / "registration.json").write_text(
+        json.dumps({"name": NAME, "version": "1"}))
+    with pytest.raises(ServiceUnavailable, match="promoting"):
+        promote(cfg)
+    assert not os.path.exists(tmp_path / "w" / "registry" / "promotion.json")
