@@ -9,11 +9,12 @@ Artifacts carry small JSON documents; ``metadata['uri']`` points at the large da
 
 The image is ``$KUBEDISTILL_IMAGE`` at import time (default :data:`DEFAULT_IMAGE`);
 pipelines may override it per task with ``set_container_image``. No packages are installed
-at run time: the image holds kfp and kubedistill.
+at run time: the image holds kfp and kubedistill. (No ``from __future__ import
+annotations`` here: KFP reads the annotations as types.)
 """
 
-
 import os
+
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
@@ -45,7 +46,8 @@ def cache_teacher(recipe: str, overrides: str, work_dir: str, prepared: Input[Da
     from kubedistill.components import steps
 
     steps.cache_teacher(shard, shard_index, num_shards, recipe=recipe, overrides=overrides,
-                        work_dir=work_dir, parent_run_id=parent_run_id, pinned=pinned)
+                        work_dir=work_dir, parent_run_id=parent_run_id, pinned=pinned,
+                        upstream={"prepared": prepared})
 
 
 @_component
@@ -67,7 +69,8 @@ def train(recipe: str, overrides: str, work_dir: str, prepared: Input[Dataset],
     from kubedistill.components import steps
 
     return steps.train(model, recipe=recipe, overrides=overrides, work_dir=work_dir,
-                       parent_run_id=parent_run_id, pinned=pinned)
+                       parent_run_id=parent_run_id, pinned=pinned,
+                       upstream={"prepared": prepared, "teacher_cache": teacher_cache})
 
 
 @_component
@@ -78,7 +81,8 @@ def evaluate(recipe: str, overrides: str, work_dir: str, model: Input[Model],
     from kubedistill.components import steps
 
     return steps.evaluate(metrics, report, recipe=recipe, overrides=overrides,
-                          work_dir=work_dir, parent_run_id=parent_run_id, pinned=pinned)
+                          work_dir=work_dir, parent_run_id=parent_run_id, pinned=pinned,
+                          upstream={"prepared": prepared, "model": model})
 
 
 @_component
@@ -92,7 +96,7 @@ def register(recipe: str, overrides: str, work_dir: str, model: Input[Model],
 
     decision, _version = steps.register(registration, recipe=recipe, overrides=overrides,
                                         work_dir=work_dir, parent_run_id=parent_run_id,
-                                        pinned=pinned)
+                                        pinned=pinned, upstream={"model": model})
     return decision
 
 

@@ -1,8 +1,10 @@
 """The body of each KFP component, as plain functions (testable without KFP).
 
 Every step takes the component's string parameters (recipe YAML text, overrides JSON,
-work_dir, parent_run_id, pinned JSON), builds the Config with
-:func:`kubedistill.components.common.build_config`, calls the runtime stage, and writes
+work_dir, parent_run_id, pinned JSON) and its input artifacts (``upstream``), builds the
+Config with :func:`kubedistill.components.common.build_config` (an input artifact's
+``metadata['uri']`` sets the path the stage reads: prepared data, teacher cache, model),
+calls the runtime stage, and writes
 small JSON artifacts that point at storage URIs. Artifact arguments are duck-typed: an
 object with ``.path`` and ``.metadata`` (and ``.log_metric`` for metrics), which is what KFP
 passes in.
@@ -19,9 +21,23 @@ from kubedistill.components.common import build_config, read_json_uri, run_stage
 from kubedistill.config import join_uri
 
 
+# upstream artifact name -> the Config field its metadata["uri"] sets
+UPSTREAM_PATHS = {"prepared": ("storage", "prepared_path"),
+                  "teacher_cache": ("storage", "teacher_cache_path"),
+                  "model": ("train", "save_path")}
+
+
 def _settings(args: dict[str, Any]):
-    return build_config(args["recipe"], args.get("overrides", ""), args.get("work_dir", ""),
-                        args.get("pinned", ""), args.get("parent_run_id", ""))
+    """The Config of this component; upstream artifacts (``args['upstream']``: name ->
+    artifact or None) point the stage at the storage URIs their producers recorded."""
+    cfg = build_config(args["recipe"], args.get("overrides", ""), args.get("work_dir", ""),
+                       args.get("pinned", ""), args.get("parent_run_id", ""))
+    for name, artifact in (args.get("upstream") or {}).items():
+        uri = (getattr(artifact, "metadata", None) or {}).get("uri") if artifact else None
+        if uri:
+            group, field = UPSTREAM_PATHS[name]
+            setattr(getattr(cfg, group), field, uri)
+    return cfg
 
 
 def prepare(prepared, num_shards: int = 1, **args) -> list[int]:
@@ -141,6 +157,28 @@ def registry_verdict(cfg, reg: dict[str, Any]) -> tuple[bool, str] | None:
         return None
 
 
+def promotion_decision(reg: dict[str, Any]) -> str:
+    """'promote' or 'keep' from a registration record.
+
+    Uses, in order: ``decision``; a boolean ``beats_champion``/``should_promote``/``better``
+    (register sets ``beats_champion`` from the registry's own rule); ``score`` vs
+    ``champion_score`` with ``higher_is_better``; else 'promote' (nothing known: the promote
+    stage itself re-checks before moving the alias).
+    """
+    if reg.get("decision") in ("promote", "keep"):
+        return reg["decision"]
+    for key in ("beats_champion", "should_promote", "better"):
+        if isinstance(reg.get(key), bool):
+            return "promote" if reg[key] else "keep"
+    score, best = reg.get("score"), reg.get("champion_score")
+    if isinstance(score, (int, float)) and isinstance(best, (int, float)):
+        margin = float(reg.get("min_improvement", 0.0) or 0.0)
+        higher = bool(reg.get("higher_is_better", False))
+        better = score > best + margin if higher else score < best - margin
+        return "promote" if better else "keep"
+    return "promote"
+
+
 def promote(promotion, **args) -> None:
     """promote: alias 'champion' to the challenger when its score is better."""
     cfg = _settings(args)
@@ -151,9 +189,9 @@ def promote(promotion, **args) -> None:
 
 
 def open_run(pipeline_run: str = "", **args) -> str:
-    from kubedistill.components import parent_run
-
     import time
+
+    from kubedistill.components import parent_run
 
     cfg = _settings(args)
     common.emit("mlflow-run", "start")

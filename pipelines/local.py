@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -83,17 +84,18 @@ def format_event(event: dict[str, Any], elapsed: float) -> str:
 
 
 def last_traceback(text: str, limit: int = 12) -> list[str]:
-    """The last ``limit`` lines of the last Python traceback in ``text`` ([] if none)."""
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if "Traceback (most recent call last)" in line]
+    """The end (``limit`` lines) of the last Python traceback in ``text``, up to and
+    including its ``SomeError: message`` line ([] if there is none)."""
+    lines = [line.strip() for line in text.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
     if not starts:
         return []
     block = []
     for line in lines[starts[-1]:]:
-        if block and not line.startswith((" ", "\t")) and ":" in line:
+        if line and not set(line) <= set("^~ "):
             block.append(line)
+        if re.match(r"^[A-Za-z_][\w.]*: ", line) and not line.startswith("File "):
             break
-        block.append(line)
     return block[-limit:]
 
 
@@ -203,7 +205,7 @@ def run(recipe: str, overrides: dict[str, Any] | None = None,
         trace = last_traceback(log_path.read_text())
         if trace:
             out.write("  the failing stage's traceback (end):\n"
-                      + "\n".join("    " + t.strip() for t in trace) + "\n")
+                      + "\n".join("    " + t for t in trace) + "\n")
     out.write(summarize(cfg, run_dir, ok, time.monotonic() - started, log_path) + "\n")
     out.flush()
     return ok, run_dir

@@ -180,3 +180,26 @@ def test_promotion_decision(reg, expected):
     from kubedistill.components.steps import promotion_decision
 
     assert promotion_decision(reg) == expected
+
+
+def test_upstream_artifacts_point_the_stage_at_their_uris():
+    from types import SimpleNamespace
+
+    from kubedistill.components.steps import _settings
+
+    up = {"prepared": SimpleNamespace(metadata={"uri": "s3://b/prep"}),
+          "teacher_cache": None, "model": SimpleNamespace(metadata={"uri": "s3://b/m"})}
+    cfg = _settings({"recipe": "", "work_dir": "s3://b/run", "upstream": up})
+    assert cfg.prepared_path == "s3://b/prep" and cfg.train.save_path == "s3://b/m"
+    assert cfg.teacher_cache_path == "s3://b/run/teacher_cache"
+
+
+def test_write_artifact_records_uri_and_scalars(tmp_path):
+    from types import SimpleNamespace
+
+    from kubedistill.components.common import read_artifact, write_artifact
+
+    art = SimpleNamespace(path=str(tmp_path / "a" / "doc"), metadata={})
+    write_artifact(art, {"rows": 3, "nested": {"x": 1}}, "s3://b/prep")
+    assert art.metadata == {"uri": "s3://b/prep", "rows": 3}
+    assert read_artifact(art) == {"rows": 3, "nested": {"x": 1}}

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from _prepared import write_prepared
+
 from kubedistill import storage
 from kubedistill.config import load_config
 from kubedistill.errors import ArtifactMismatch

@@ -111,13 +111,17 @@ def runs(tiny_model_dir, tiny_teacher_dir, prepared, teacher_cache, tmp_path_fac
                 learning_rate=2e-3, lr_warmup_ratio=0.0, min_lr=1e-4, weight_decay=0.01,
                 max_norm=1.0, num_epochs=1, eval_steps=3, save_steps=2, logging_steps=1,
                 chunked_loss_size=16, seed=3, tracking_uri="off", device="cpu")
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # 1 rank must not oversubscribe the shared cores
+    # one thread per rank (1 rank must not oversubscribe the shared cores), and MKL in its
+    # reproducible mode: without it, runs on this CPU differ now and then around 1e-7
+    env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     yield Runs(base, tmp_path_factory.mktemp("runs"))
-    if saved is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def losses(run: dict, key: str = "train/loss") -> np.ndarray:
@@ -274,25 +278,32 @@ def test_final_model_loads_and_generates(runs):
     _generate(save)
 
 
-def test_lora_merged_equals_base_plus_adapters(runs, tiny_model_dir):
+def test_lora_adapters_under_fsdp_and_merged_export(runs, tiny_model_dir, tmp_path):
+    """2-rank LoRA run saving adapters; the merged export of the same state equals
+    base + adapters, loads as a plain model and generates."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    lora = dict(lora_rank=4, lora_alpha=8, target_modules="q_proj,v_proj,down_proj",
-                learning_rate=1e-2, max_steps=2, eval_steps=-1, save_steps=-1)
-    merged = runs.get("lora_merged", **lora)["cfg"].train.save_path
-    adapters = runs.get("lora_adapters", num_gpus_per_node=1, lora_save_adapters=True,
-                        **lora)["cfg"].train.save_path
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(adapters))
-    assert not any(k.endswith(".safetensors") and "adapter" not in k
-                   for k in os.listdir(adapters))
-    gen_merged, logits_merged = _generate(merged)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    with_adapters = PeftModel.from_pretrained(base, adapters).eval()
-    ids = gen_merged[:, :-4]
+    from kubedistill.train.export import write_hf_model
+
+    run = runs.get("lora", lora_rank=4, lora_alpha=8, lora_save_adapters=True,
+                   learning_rate=1e-2, max_steps=2, eval_steps=-1, save_steps=-1)
+    adapters = run["cfg"].train.save_path
+    files = set(os.listdir(adapters))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    with_adapters = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters).eval()
+
+    cfg = runs.config("lora", lora_rank=4, lora_alpha=8, lora_save_adapters=False)
+    merged = str(tmp_path / "merged")
+    write_hf_model(with_adapters.state_dict(), tiny_model_dir, cfg, merged)
+    assert not os.path.exists(os.path.join(merged, "adapter_config.json"))
+    gen, logits_merged = _generate(merged)
+    ids = gen[:, :-4]
     with torch.no_grad():
         logits_adapters = with_adapters(ids).logits
-        logits_base = base.get_base_model()(ids).logits if hasattr(base, "get_base_model") \
-            else AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+        with with_adapters.disable_adapter():
+            logits_base = with_adapters(ids).logits
     torch.testing.assert_close(logits_merged, logits_adapters, atol=1e-4, rtol=1e-4)
     assert (logits_merged - logits_base).abs().max() > 1e-3  # the adapters did train

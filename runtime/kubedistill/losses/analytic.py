@@ -26,12 +26,8 @@ import torch
 from kubedistill.losses import divergences as D
 
 
-def _log_probs(s, t, temperature):
-    return D._log_probs(s, t, temperature)
-
-
 def kl_value_and_grad(s, t, temperature=1.0, **hparams):
-    b, a = _log_probs(s, t, temperature)
+    b, a = D._log_probs(s, t, temperature)
     a = a.clamp_min_(D._FLOOR)
     p = a.exp()
     value = a.sub_(b).mul_(p).sum(-1).clamp_min_(0.0)
@@ -41,7 +37,7 @@ def kl_value_and_grad(s, t, temperature=1.0, **hparams):
 
 
 def rkl_value_and_grad(s, t, temperature=1.0, **hparams):
-    b, a = _log_probs(s, t, temperature)
+    b, a = D._log_probs(s, t, temperature)
     q = b.exp()
     diff = b.sub_(a)  # log q - log p
     del a
@@ -56,7 +52,7 @@ def jsd_value_and_grad(s, t, temperature=1.0, jsd_beta=0.5, **hparams):
         return kl_value_and_grad(s, t, temperature)
     if beta >= 1.0:
         return rkl_value_and_grad(s, t, temperature)
-    b, a = _log_probs(s, t, temperature)
+    b, a = D._log_probs(s, t, temperature)
     m = torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
     q = b.exp()
     dq = b.sub_(m)  # log q - log m

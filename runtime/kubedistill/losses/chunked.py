@@ -13,13 +13,15 @@ the common prefix for KD, while CE always uses the full student vocabulary. KD i
 registered loss (``LOSSES``) at temperature T; CE is at temperature 1.
 
 :func:`fused_kd_loss` with ``chunk_size=n`` never holds logits for more than ``n`` tokens:
-a custom autograd function computes, per chunk, the logits, the loss and (by autograd on
-the chunk, so any registered loss works) the gradient ``g`` of the chunk loss w.r.t. the
-chunk logits, then accumulates ``dL/dh[chunk] = g W`` and ``dL/dW += g^T h[chunk]`` (in
-float32). Backward only scales the stored gradients by the incoming gradient, so the work
-equals that of the unchunked path. ``chunk_size=None`` is the unchunked reference: full
-[N, V] logits and plain autograd. Both paths share :func:`_terms`, so they compute the same
-function; gradients are exact (up to float summation order).
+a custom autograd function computes, in its forward, per chunk, the logits, the loss and
+the gradient ``g`` of the chunk loss w.r.t. the chunk logits, then accumulates
+``dL/dh[chunk] = g W`` and ``dL/dW += g^T h[chunk]`` (in float32). ``g`` comes in closed
+form for CE, ``kl``, ``rkl`` and ``jsd`` (:mod:`kubedistill.losses.analytic`) and from
+autograd on the chunk for every other loss, so any registered loss works. Backward only
+scales the stored gradients by the incoming gradient: no recomputation, and the lm_head
+matmuls are the same three as unchunked. ``chunk_size=None`` is the unchunked reference:
+full [N, V] logits and plain autograd through :func:`_terms`; tests hold the two paths to
+each other (gradients are exact up to float summation order).
 
 Dtypes: the lm_head matmul runs in the dtype of ``h``/``W`` (as the model's own lm_head
 would); everything from the logits on is float32, and ``dL/dW`` is accumulated in float32

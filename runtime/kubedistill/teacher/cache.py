@@ -194,7 +194,7 @@ def cache_teacher(cfg: Config) -> dict:
     pending = [p for p in mine if entries[p.name] is None]
     log.info("teacher cache %s: %d of %d shards to write", cache_uri, len(pending), len(mine))
 
-    start, written_tokens, engine, hidden_size = time.perf_counter(), 0, None, None
+    written_tokens, engine, hidden_size = 0, None, None
     head_uri = storage.join(cache_uri, "head.json")
     if pending or not storage.exists(head_uri):
         backend = resolve_backend(cfg.cache.teacher_backend)
@@ -207,6 +207,7 @@ def cache_teacher(cfg: Config) -> dict:
         hidden_size = head.hidden_size
         if pending:
             engine = make_engine(cfg, model_path, model)
+    start = time.perf_counter()  # the loop alone: teacher forward + encode + write
     progress = tqdm(total=sum(p.tokens for p in pending), unit="tok", desc="cache-teacher",
                     disable=not pending)
     try:

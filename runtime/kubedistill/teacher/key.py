@@ -17,8 +17,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import glob
+import hashlib
 import os
 import struct
 from typing import Any

@@ -105,7 +105,9 @@ class SGLangTeacherEngine:
         out = self._generate([_PROBE], return_logprob=True, logprob_start_len=0)[0]
         states = prefill_states(out["meta_info"]["hidden_states"], len(_PROBE),
                                 self.hidden_size)
-        ref = torch.tensor([float(t[0]) for t in out["meta_info"]["input_token_logprobs"][1:]])
+        # one entry (logprob, token id, text) per input token; the first has no logprob
+        entries = out["meta_info"]["input_token_logprobs"][-(len(_PROBE) - 1):]
+        ref = torch.tensor([float(t[0]) for t in entries])
         targets = torch.tensor(_PROBE[1:])
 
         def error(h: torch.Tensor) -> float:

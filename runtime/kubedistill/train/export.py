@@ -38,7 +38,7 @@ def export_hf(student: nn.Module, student_ref: str, cfg: Config, env: DistEnv) -
         local = local.rstrip("/")
         partial = f"{local}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        _write_model(state, student_ref, cfg, partial)
+        write_hf_model(state, student_ref, cfg, partial)
         if os.path.exists(local):
             shutil.rmtree(local)
         os.replace(partial, local)
@@ -48,8 +48,9 @@ def export_hf(student: nn.Module, student_ref: str, cfg: Config, env: DistEnv) -
     return save_path
 
 
-def _write_model(state: dict[str, torch.Tensor], student_ref: str, cfg: Config,
-                 out_dir: str) -> None:
+def write_hf_model(state: dict[str, torch.Tensor], student_ref: str, cfg: Config,
+                   out_dir: str) -> None:
+    """Write ``state`` (the student's full state dict, LoRA keys included) as an HF dir."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(student_ref, cfg.storage.model_cache_dir)

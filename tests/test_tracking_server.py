@@ -1,11 +1,12 @@
-"""Registry + promotion against a real ``mlflow server`` (sqlite, artifacts proxied to moto's
-S3 server): evaluate -> register -> promote, champion loads and generates; a worse second run
-leaves champion alone and tags the decision; an unreachable registry fails with
-ServiceUnavailable after bounded retries."""
+"""Against a real ``mlflow server`` (sqlite, artifacts proxied to moto's S3 server), shared by
+the module: evaluate -> register -> promote, the champion loads and generates; a worse second
+run leaves champion alone and tags the decision; the server killed in the middle of logging
+loses no metric; an unreachable registry fails with ServiceUnavailable after bounded retries."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -16,8 +17,10 @@ from mlflow import MlflowClient
 from mlflow_server import MlflowServer, free_port
 from test_evaluate_stage import eval_rows, make_cfg, write_prepared
 
+from kubedistill.config import Config
 from kubedistill.errors import ServiceUnavailable
 from kubedistill.models import load_tokenizer
+from kubedistill.tracking import make_tracker
 
 NAME = "kd-tiny-student"
 
@@ -63,7 +66,8 @@ def _cfg(tmp, name, prepared, student, teacher, url, pipeline_run):
     return cfg
 
 
-def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_teacher_dir):
+def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_teacher_dir,
+                                   monkeypatch):
     from kubedistill.evaluate.stage import evaluate
     from kubedistill.tracking.registry import promote, register
 
@@ -111,11 +115,13 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     # the champion loads through the alias and generates
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)  # for the fluent loader only
     pipe = mlflow.transformers.load_model(f"models:/{NAME}@champion")
     out = pipe("What is 2 + 3?", max_new_tokens=5, do_sample=False)
     assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > 0
 
     # run 2: a worse student is registered as challenger but not promoted
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     worse = _worse_copy(tiny_model_dir, str(tmp_path / "worse"))
     cfg2 = _cfg(tmp_path, "run2", prepared, worse, tiny_teacher_dir, server.url, "pr-2")
     metrics2 = evaluate(cfg2)
@@ -134,6 +140,46 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     assert len(client.search_model_versions(f"name='{NAME}'")) == 2
     promo = json.loads((tmp_path / "run2" / "registry" / "promotion.json").read_text())
     assert promo["promoted"] is False and promo["champion"] == "1"
+
+
+def test_server_killed_mid_training(tmp_path, server, monkeypatch, caplog):
+    """Kill the server (SIGKILL) while a training loop logs, keep logging, restart it on the
+    same port and sqlite file: every metric arrives and the user saw exactly one warning."""
+    monkeypatch.setenv("KUBEDISTILL_MLFLOW_RETRY_INTERVAL", "0.5")
+    monkeypatch.setenv("KUBEDISTILL_MLFLOW_TIMEOUT", "2")
+    monkeypatch.setenv("KUBEDISTILL_SYSTEM_METRICS", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = Config(name="killtest")
+    cfg.storage.work_dir = str(tmp_path / "work")
+    cfg.tracking.tracking_uri = server.url
+    tracker = make_tracker(cfg, "train")
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    spooled = 0
+    for step in range(40):
+        if step == 10:
+            server.stop(kill=True)
+        if step == 25:
+            with open(tracker.spool_path) as f:  # the outage's metrics are on disk too
+                spooled = len(f.readlines())
+            t0 = time.monotonic()
+            server.start()
+            restart_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        tracker.log_metrics({"loss": 10.0 - 0.1 * step, "grad_norm": 1.0}, step=step)
+        assert time.monotonic() - t0 < 5  # a step is never held up for long
+        time.sleep(0.05)
+    assert spooled == 2 * 15
+    assert not os.path.exists(tracker.spool_path)  # flushed after the restart
+    tracker.close()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert f"MLflow at {server.url} unreachable; buffering" in warnings[0].getMessage()
+
+    client = MlflowClient(server.url)
+    hist = client.get_metric_history(tracker.run_id, "loss")
+    assert sorted(m.step for m in hist) == list(range(40)), restart_s
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
 
 
 def test_registry_unreachable(tmp_path, fast, tiny_model_dir, caplog):
