@@ -80,11 +80,14 @@ def main() -> None:
     n_tokens = sum(p.tokens for p in plans)
     engine.final_states(rows.tokens[:4], rows.positions[:4])  # warm-up
 
-    t = time.perf_counter()
-    for p in plans:
-        engine.final_states(rows.tokens[p.row_start:p.row_end],
-                            rows.positions[p.row_start:p.row_end])
-    bare = n_tokens / (time.perf_counter() - t)
+    def bare_rate() -> float:
+        t = time.perf_counter()
+        for p in plans:
+            engine.final_states(rows.tokens[p.row_start:p.row_end],
+                                rows.positions[p.row_start:p.row_end])
+        return n_tokens / (time.perf_counter() - t)
+
+    bare_before = bare_rate()
 
     replay = Replay(engine)
     stage.load_hf_teacher = lambda cfg, path: model
@@ -99,10 +102,15 @@ def main() -> None:
                                  "attn_implementation": "sdpa", **extra})
         results[name] = stage.cache_teacher(cfg)
     staged = results["bf16"]["tokens_per_s"]
+    bare = (bare_before + bare_rate()) / 2  # bare runs before and after the stage, averaged
 
     ids = TeacherCache(os.path.join(root, "bf16")).sample_ids()
     local_rate = read_rate(os.path.join(root, "bf16"), ids)
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -117,9 +125,11 @@ def main() -> None:
 
     positions = results["bf16"]["positions"]
     print(f"\nSmolLM2-135M-Instruct teacher, {args.samples} samples, {n_tokens} teacher tokens, "
-          f"{positions} cached positions, torch threads {torch.get_num_threads()}\n")
+          f"{positions} cached positions, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
     print("| measure | value |\n|---|---|")
-    print(f"| bare teacher forward (batched body, no logits) | {bare:,.0f} tokens/s |")
+    print(f"| bare teacher forward (batched body, no logits; mean of a run before and after "
+          f"the stage) | {bare:,.0f} tokens/s ({bare_before:,.0f} before) |")
     print(f"| cache-teacher loop (forward + encode + write + sha256 + commit) | "
           f"{staged:,.0f} tokens/s |")
     print(f"| stage overhead vs bare forward | {100 * (bare / staged - 1):+.1f}% |")

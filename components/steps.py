@@ -4,10 +4,9 @@ Every step takes the component's string parameters (recipe YAML text, overrides 
 work_dir, parent_run_id, pinned JSON) and its input artifacts (``upstream``), builds the
 Config with :func:`kubedistill.components.common.build_config` (an input artifact's
 ``metadata['uri']`` sets the path the stage reads: prepared data, teacher cache, model),
-calls the runtime stage, and writes
-small JSON artifacts that point at storage URIs. Artifact arguments are duck-typed: an
-object with ``.path`` and ``.metadata`` (and ``.log_metric`` for metrics), which is what KFP
-passes in.
+calls the runtime stage, and writes small JSON artifacts that point at storage URIs.
+Artifact arguments are duck-typed: an object with ``.path`` and ``.metadata`` (and
+``.log_metric`` for metrics), which is what KFP passes in.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Any
 from kubedistill.components import common
 from kubedistill.components.common import build_config, read_json_uri, run_stage, write_artifact
 from kubedistill.config import join_uri
-
 
 # upstream artifact name -> the Config field its metadata["uri"] sets
 UPSTREAM_PATHS = {"prepared": ("storage", "prepared_path"),

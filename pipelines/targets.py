@@ -62,6 +62,7 @@ class Target:
     tolerations: tuple[dict, ...] = ()
     node_selector: dict[str, str] = field(default_factory=dict)
     retries: bool = True
+    image_pull_policy: str | None = None
 
     def replace(self, **changes) -> Target:
         return dataclasses.replace(self, **changes)
@@ -76,8 +77,8 @@ KIND = Target(
                "evaluate": Resources("1", "4Gi"), "register": Resources("500m", "2Gi"),
                "promote": _SMALL, "open-run": _SMALL, "close-run": _SMALL},
     env={"MLFLOW_TRACKING_URI": "http://kubedistill-mlflow.kubeflow.svc.cluster.local:5000",
-         "AWS_ENDPOINT_URL": "http://minio-service.kubeflow.svc.cluster.local:9000",
-         "MLFLOW_S3_IGNORE_TLS": "true"},
+         "AWS_ENDPOINT_URL": "http://minio-service.kubeflow.svc.cluster.local:9000"},
+    image_pull_policy="IfNotPresent",  # images are `kind load`ed, not pulled
 )
 GPU = Target(
     name="gpu",
@@ -139,6 +140,8 @@ def apply(task: dsl.PipelineTask, stage: str, target: Target) -> dsl.PipelineTas
     task.set_cpu_request(res.cpu).set_memory_request(res.memory)
     task.set_memory_limit(res.memory)
     task.set_env_variable("KUBEDISTILL_IMAGE", target.image)
+    if target.image_pull_policy:
+        kubernetes.set_image_pull_policy(task, target.image_pull_policy)
     for key, value in target.env.items():
         task.set_env_variable(key, value)
     gpu_stage = bool(target.accelerator_type and res.gpus)

@@ -214,3 +214,18 @@ def test_s3_round_trip(tiny_teacher_dir, prepared, reference, s3_bucket):
     fs.pipe_file(path, bytes(data))
     with pytest.raises(ArtifactMismatch, match="record batch 0"):
         TeacherCache(cache).get(entry["ids"][0])
+
+
+def test_topk_logprobs_are_the_heads_top_k(tiny_teacher_dir, prepared, tmp_path):
+    cfg = make_cfg(tiny_teacher_dir, prepared, str(tmp_path / "cache"), cache_dtype="fp32",
+                   cache_topk=5, cache_rows_per_shard=16)
+    cache_teacher(cfg)
+    cache = TeacherCache(cfg.teacher_cache_path)
+    assert cache.manifest["key"]["topk"] == 5
+    head = cache.head()
+    for st in cache.iter(cache.sample_ids("eval")):
+        logp = torch.log_softmax(head.logits(st.hidden), dim=-1)
+        values, ids = logp.topk(5, dim=-1)
+        assert st.topk_ids.shape == (st.hidden.shape[0], 5)
+        assert torch.equal(st.topk_ids, ids)
+        assert torch.allclose(st.topk_logprobs, values, atol=1e-5)

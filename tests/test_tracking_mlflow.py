@@ -66,9 +66,9 @@ def test_embedded_store_parent_and_stage_runs(tmp_path, quick_retries, monkeypat
     assert [m.step for m in hist] == [0, 1, 2, 3, 4] and hist[-1].value == 1.0
     assert any(k.startswith("system/") for k in run.data.metrics)
     arts = {a.path for a in client.list_artifacts(tracker.run_id)}
-    assert {"config", "plots", "prepare"} <= arts
-    names = {a.path for a in client.list_artifacts(tracker.run_id, "prepare")}
-    assert names == {"prepare/manifest.json", "prepare/bad_rows.jsonl"}
+    assert {"config", "plots", "prepared"} <= arts
+    names = {a.path for a in client.list_artifacts(tracker.run_id, "prepared")}
+    assert names == {"prepared/manifest.json", "prepared/bad_rows.jsonl"}
     assert [a.path for a in client.list_artifacts(tracker.run_id, "plots")] == \
         ["plots/metrics.png"]
     assert str(tmp_path / "work" / "mlartifacts") in run.info.artifact_uri

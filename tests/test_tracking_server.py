@@ -66,8 +66,40 @@ def _cfg(tmp, name, prepared, student, teacher, url, pipeline_run):
     return cfg
 
 
+def _chain_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in (
+        "kubedistill.data.prepare", "kubedistill.teacher.cache", "kubedistill.train.launch"))
+
+
+def _train_student(cfg, tiny_model_dir) -> str:
+    """prepare -> cache-teacher -> train (2 steps, 1 CPU process) on packaged GSM8K rows,
+    tracked on the server; the trained student replaces ``cfg.train.save_path``."""
+    from kubedistill.data.prepare import prepare
+    from kubedistill.teacher.cache import cache_teacher
+    from kubedistill.train.launch import train
+
+    wd = cfg.storage.work_dir
+    for k, v in dict(student_name_or_path=tiny_model_dir, prepared_path=f"{wd}/prepared",
+                     teacher_cache_path=f"{wd}/teacher_cache",
+                     train_dataset_path="packaged:gsm8k-train",
+                     eval_dataset_path="packaged:gsm8k-eval", input_key="question",
+                     output_key="answer", label_key="label", max_len=320, prompt_max_len=256,
+                     max_samples=8, eval_max_samples=4, teacher_backend="hf",
+                     cache_dtype="fp32", num_gpus_per_node=1, train_batch_size=4,
+                     micro_train_batch_size=2, max_steps=2, logging_steps=1,
+                     learning_rate=1e-3, save_path=f"{wd}/model", ckpt_path=f"{wd}/ckpt",
+                     eval_task="gsm8k").items():
+        cfg.set(k, v)
+    prepare(cfg)
+    cache_teacher(cfg)
+    return train(cfg)
+
+
 def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_teacher_dir,
                                    monkeypatch):
+    """(prepare -> cache-teacher -> train ->) evaluate -> register -> promote; a worse run."""
     from kubedistill.evaluate.stage import evaluate
     from kubedistill.tracking.registry import promote, register
 
@@ -77,7 +109,11 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
 
     # run 1: first version becomes champion
     cfg1 = _cfg(tmp_path, "run1", prepared, tiny_model_dir, tiny_teacher_dir, server.url, "pr-1")
+    chain = _chain_available()
+    if chain:
+        _train_student(cfg1, tiny_model_dir)
     metrics1 = evaluate(cfg1)
+    assert metrics1["teacher_signal"] == ("cache" if chain else "live")
     reg1 = register(cfg1)
     assert reg1["version"] == "1" and reg1["score"] == metrics1["score"]
     again = register(cfg1)  # idempotent: same version, no second one
@@ -89,22 +125,29 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     assert client.get_model_version_by_alias(NAME, "challenger").version == "1"
     tags = champ.tags
     assert tags["teacher"] == tiny_teacher_dir and tags["pipeline_run_id"] == "pr-1"
-    assert tags["data_hash"] == "testdatahash" and tags["score_metric"] == "eval_ce"
+    assert tags["data_hash"] == metrics1["data_hash"] and tags["score_metric"] == "eval_ce"
     assert float(tags["score"]) == pytest.approx(metrics1["score"])
     assert tags["eval_data_hash"] == metrics1["eval_data_hash"]
     assert tags["promotion_decision"] == "promoted"
     saved = json.loads((tmp_path / "run1" / "registry" / "registration.json").read_text())
     assert saved["version"] == "1"
 
-    # the evaluate stage logged its own nested run under the pipeline's parent run
+    # every stage logged its own nested run under the pipeline's parent run
     parent = json.loads((tmp_path / "run1" / "mlflow_parent_run.json").read_text())["run_id"]
-    kids = client.search_runs([client.get_run(parent).info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{parent}'")
-    assert {"evaluate", "register"} <= {r.info.run_name for r in kids}
-    ev = next(r for r in kids if r.info.run_name == "evaluate")
+    kids = {r.info.run_name: r for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    assert {"evaluate", "register"} <= set(kids)
+    ev = kids["evaluate"]
     assert ev.data.metrics["eval_ce"] == pytest.approx(metrics1["eval_ce"])
     assert {a.path for a in client.list_artifacts(ev.info.run_id, "eval")} == \
         {"eval/metrics.json", "eval/generations.jsonl"}
+    if chain:  # the trainer logs through make_tracker; its run carries its inputs' manifests
+        tr = kids["train"].info.run_id
+        assert len(client.get_metric_history(tr, "train/loss")) == 2
+        arts = {a.path for d in ("plots", "prepared", "teacher_cache")
+                for a in client.list_artifacts(tr, d)}
+        assert {"plots/train_curves.png", "prepared/manifest.json", "prepared/bad_rows.jsonl",
+                "teacher_cache/manifest.json"} <= arts
 
     # artifacts went through the server to S3
     import s3fs
@@ -120,10 +163,13 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     out = pipe("What is 2 + 3?", max_new_tokens=5, do_sample=False)
     assert isinstance(out[0]["generated_text"], str) and len(out[0]["generated_text"]) > 0
 
-    # run 2: a worse student is registered as challenger but not promoted
+    # run 2: a worse student (same eval data) is registered as challenger but not promoted
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    worse = _worse_copy(tiny_model_dir, str(tmp_path / "worse"))
-    cfg2 = _cfg(tmp_path, "run2", prepared, worse, tiny_teacher_dir, server.url, "pr-2")
+    worse = _worse_copy(cfg1.train.save_path, str(tmp_path / "worse"))
+    cfg2 = _cfg(tmp_path, "run2", cfg1.prepared_path, worse, tiny_teacher_dir, server.url,
+                "pr-2")
+    cfg2.eval.eval_task = cfg1.eval.eval_task
+    cfg2.storage.teacher_cache_path = cfg1.teacher_cache_path
     metrics2 = evaluate(cfg2)
     assert metrics2["score"] > metrics1["score"]  # CE: lower is better
     assert metrics2["eval_data_hash"] == metrics1["eval_data_hash"]

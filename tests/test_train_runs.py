@@ -6,7 +6,8 @@ the SmolLM2 tokenizer, vanilla KD from a real teacher cache.
 - the first step matches a plain single-process PyTorch computation of the same loss;
 - N = 21 samples with a global batch of 4: every sample and loss token is trained on;
 - a run SIGKILLed after its step-2 checkpoint and resumed ends with the same weights;
-- the final HF directory loads and generates; LoRA merged == base + saved adapters.
+- the final HF directory loads and generates; LoRA (2 ranks, on a student derived from
+  teacher layers) saves adapters, and its merged export == base + adapters.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def test_first_step_matches_a_plain_pytorch_step(runs, prepared, teacher_cache):
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()
                                           if p.grad is not None])
     first = one["train"][0]
-    assert first["train/loss"] == pytest.approx(float(out["loss"]), abs=1e-5)
+    assert first["train/loss"] == pytest.approx(out["loss"].item(), abs=1e-5)
     assert first["train/grad_norm"] == pytest.approx(float(norm), abs=1e-4)
     assert first["train/loss_tokens"] == batch.num_loss_tokens
 
@@ -278,26 +279,31 @@ def test_final_model_loads_and_generates(runs):
     _generate(save)
 
 
-def test_lora_adapters_under_fsdp_and_merged_export(runs, tiny_model_dir, tmp_path):
-    """2-rank LoRA run saving adapters; the merged export of the same state equals
-    base + adapters, loads as a plain model and generates."""
+def test_lora_adapters_under_fsdp_and_merged_export(runs, tmp_path):
+    """2-rank LoRA run on a student derived from teacher layers 0 and 2, saving adapters;
+    the merged export of the same state equals base + adapters, loads as a plain model
+    and generates."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from kubedistill.train.export import write_hf_model
 
-    run = runs.get("lora", lora_rank=4, lora_alpha=8, lora_save_adapters=True,
-                   learning_rate=1e-2, max_steps=2, eval_steps=-1, save_steps=-1)
+    lora = dict(student_name_or_path=None, student_from_teacher_layers="0,2", lora_rank=4,
+                lora_alpha=8)
+    run = runs.get("lora", lora_save_adapters=True, learning_rate=1e-2, max_steps=2,
+                   eval_steps=-1, save_steps=-1, **lora)
     adapters = run["cfg"].train.save_path
     files = set(os.listdir(adapters))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     assert "model.safetensors" not in files
-    with_adapters = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters).eval()
+    student = os.path.join(run["cfg"].storage.work_dir, "student_init")
+    base = AutoModelForCausalLM.from_pretrained(student)
+    assert base.config.num_hidden_layers == 2 and base.config.hidden_size == 96
+    with_adapters = PeftModel.from_pretrained(base, adapters).eval()
 
-    cfg = runs.config("lora", lora_rank=4, lora_alpha=8, lora_save_adapters=False)
     merged = str(tmp_path / "merged")
-    write_hf_model(with_adapters.state_dict(), tiny_model_dir, cfg, merged)
+    write_hf_model(with_adapters.state_dict(), student,
+                   runs.config("lora", lora_save_adapters=False, **lora), merged)
     assert not os.path.exists(os.path.join(merged, "adapter_config.json"))
     gen, logits_merged = _generate(merged)
     ids = gen[:, :-4]

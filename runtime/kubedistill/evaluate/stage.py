@@ -171,7 +171,7 @@ def _evaluate(cfg: Config, tracker) -> dict[str, Any]:
         base_uri = storage.join(out_dir, "teacher_baseline-"
                                 f"{_baseline_key(teacher_ref, teacher_dir, data_hash)}.json")
         baseline = storage.read_json(base_uri) if storage.exists(base_uri) else None
-        signal = open_cache_signal(cfg.teacher_cache_path, rows)
+        signal = open_cache_signal(cfg.teacher_cache_path, rows, teacher_dir)
         if baseline is None or signal is None:
             teacher, t_tok, _ = load_model(teacher_ref, **load_kw)
             if baseline is None:

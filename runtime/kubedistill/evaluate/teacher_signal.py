@@ -77,14 +77,23 @@ class CacheSignal:
         return self.head.logits(torch.cat(parts)), keep.to(brow.device)
 
 
-def open_cache_signal(uri: str, rows: list[dict]) -> CacheSignal | None:
-    """A :class:`CacheSignal` when a complete cache at ``uri`` holds the eval samples."""
+def open_cache_signal(uri: str, rows: list[dict], teacher_dir: str | None = None
+                      ) -> CacheSignal | None:
+    """A :class:`CacheSignal` when a complete cache at ``uri`` holds the eval samples and
+    (when ``teacher_dir`` is given) was built from that teacher's weights and tokenizer."""
     try:
         if not storage.exists(storage.join(uri, "manifest.json")):
             return None
         from kubedistill.teacher.reader import TeacherCache
 
         cache = TeacherCache(uri)
+        if teacher_dir is not None:
+            from kubedistill.teacher.key import tokenizer_hash, weights_hash
+
+            key = cache.manifest.get("key", {})
+            if (key.get("teacher_weights") != weights_hash(teacher_dir)
+                    or key.get("tokenizer") != tokenizer_hash(teacher_dir)):
+                raise ValueError("it was built from another teacher")
     except Exception as exc:  # no usable cache: the caller falls back to a live teacher
         log.info("teacher cache at %s not used (%s); using a live teacher", uri, exc)
         return None

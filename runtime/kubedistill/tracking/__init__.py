@@ -29,8 +29,9 @@ def make_tracker(cfg: Config, stage: str) -> Tracker:
 
     uri = resolve_tracking_uri(cfg)
     if uri is None:
-        log.info("MLflow tracking is off for stage %s (no tracking_uri and work_dir %s is not "
-                 "local)", stage, cfg.storage.work_dir)
+        log.info("MLflow tracking is off for stage %s (tracking_uri %s, work_dir %s)", stage,
+                 cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                 cfg.storage.work_dir)
         return NullTracker()
     from kubedistill.tracking.mlflow_tracker import MlflowTracker
 

@@ -269,25 +269,29 @@ class MlflowTracker:
             os.remove(self.spool_path)
 
     def _log_stage_files(self) -> None:
-        """Manifests and reports of the stage's outputs, plus the trainer's curves."""
+        """Manifests and reports of the stage's inputs/outputs, plus the trainer's curves.
+
+        The train run carries the prepared manifest, the bad-row report and the teacher-cache
+        manifest it trained from, so they are in MLflow even when earlier stages ran without
+        a tracker."""
         cfg = self.cfg
-        files = {"prepare": [(cfg.prepared_path, "manifest.json"),
-                             (cfg.prepared_path, "bad_rows.jsonl")],
-                 "cache-teacher": [(cfg.teacher_cache_path, "manifest.json")],
-                 "merge-cache": [(cfg.teacher_cache_path, "manifest.json")],
-                 "train": [(cfg.train.save_path, "train_log.jsonl"),
-                           (cfg.storage.work_dir, "train/train_log.jsonl")]}
-        for base, name in files.get(self.stage, []):
+        prepared = [(cfg.prepared_path, "manifest.json", "prepared"),
+                    (cfg.prepared_path, "bad_rows.jsonl", "prepared")]
+        cache = [(cfg.teacher_cache_path, "manifest.json", "teacher_cache")]
+        files = {"prepare": prepared, "cache-teacher": cache, "merge-cache": cache,
+                 "train": prepared + cache + [
+                     (cfg.storage.work_dir, "train/train_log.jsonl", "train")]}
+        for base, name, folder in files.get(self.stage, []):
             uri = storage.join(base, name)
             try:
                 if not storage.exists(uri):
                     continue
-                dst = os.path.join(self._tmp, "files", self.stage, os.path.basename(name))
+                dst = os.path.join(self._tmp, "files", folder, os.path.basename(name))
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 with open(dst, "wb") as f:
                     f.write(storage.read_bytes(uri))
             except OSError:
                 continue
-            self.log_artifact(dst, self.stage)
+            self.log_artifact(dst, folder)
             if name.endswith("train_log.jsonl"):
-                self.log_curves(read_records(uri), "train_curves")
+                self.log_curves(read_records(dst), "train_curves")

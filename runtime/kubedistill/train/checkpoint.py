@@ -126,7 +126,7 @@ def _writer(uri: str):
         return dcp.FileSystemWriter(storage.local_path(uri))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    return FsspecWriter(uri)
+    return FsspecWriter(uri, **_fsspec_options(uri))
 
 
 def _reader(uri: str):
@@ -134,4 +134,9 @@ def _reader(uri: str):
         return dcp.FileSystemReader(storage.local_path(uri))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    return FsspecReader(uri)
+    return FsspecReader(uri, **_fsspec_options(uri))
+
+
+def _fsspec_options(uri: str) -> dict:
+    """The same S3 endpoint settings that :mod:`kubedistill.storage` uses."""
+    return storage._s3_options() if uri.startswith(("s3://", "s3a://")) else {}

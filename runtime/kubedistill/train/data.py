@@ -173,6 +173,7 @@ class BatchBuilder:
 
     def __init__(self, split: PreparedSplit, *, pad_id: int, packing: bool, teacher=None):
         self.split = split
+        self.loss_tokens = split.loss_tokens  # [N] targets per sample
         self.pad_id = pad_id
         self.packing = packing
         self.teacher = teacher

@@ -43,7 +43,11 @@ def export_hf(student: nn.Module, student_ref: str, cfg: Config, env: DistEnv) -
             shutil.rmtree(local)
         os.replace(partial, local)
         if not storage.is_local(save_path):
+            fs, remote = storage.filesystem(save_path)
+            if fs.exists(remote):  # no stale files of an earlier export in the new one
+                fs.rm(remote, recursive=True)
             storage.upload_dir(local, save_path)
+            shutil.rmtree(local, ignore_errors=True)
     barrier()
     return save_path
 

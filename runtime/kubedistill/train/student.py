@@ -81,21 +81,59 @@ def resolve_student(cfg: Config, env: DistEnv, local_work_dir: str) -> str:
     return out
 
 
-def load_student(ref: str, cfg: Config, device: torch.device) -> nn.Module:
+def load_student(ref: str, cfg: Config, env: DistEnv) -> nn.Module:
     """The student in fp32 (master weights) and train mode, with gradient checkpointing
-    and LoRA as configured. Seed first: LoRA init must be identical on every rank."""
-    from transformers import AutoModelForCausalLM
+    and LoRA as configured.
+
+    Only rank 0 reads the weights (into CPU memory); with more ranks the others build the
+    model on the meta device, and :func:`materialize` fills their shards from rank 0 after
+    sharding, so no rank but 0 ever holds a full copy.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from kubedistill.models.loading import resolve_attn_implementation, resolve_model_path
 
     path = resolve_model_path(ref, cfg.storage.model_cache_dir)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, device.type)
-    model = AutoModelForCausalLM.from_pretrained(  # on CPU; fully_shard moves shards over
-        path, dtype=torch.float32, attn_implementation=attn, local_files_only=True,
-        trust_remote_code=cfg.model.trust_remote_code)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, env.device.type)
+    remote = cfg.model.trust_remote_code
+    if env.is_main or env.world_size == 1:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=attn, local_files_only=True,
+            trust_remote_code=remote)
+    else:
+        config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=remote)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     attn_implementation=attn,
+                                                     trust_remote_code=remote)
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.model)
     return model.train()
 
+
+def materialize(student: nn.Module, env: DistEnv) -> None:
+    """After sharding: give every rank its shard of rank 0's weights, and rank 0's buffers
+    (rotary tables and other non-persistent buffers included). Every rank calls it."""
+    if env.world_size == 1:
+        return
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = {}
+    if env.is_main:
+        full = get_full_state(student)
+    else:
+        student.to_empty(device=env.device)
+    set_model_state_dict(student, full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    for buf in student.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def get_full_state(student: nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0's full tensors, read from its shards (which hold the whole of each tensor's
+    values on rank 0 only in the sense that rank 0 loaded them before sharding)."""
+    raise NotImplementedError

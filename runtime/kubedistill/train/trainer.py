@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from kubedistill import storage
 from kubedistill.algorithms import ALGORITHMS, build_algorithm
 from kubedistill.config import Config
 from kubedistill.errors import DataError
@@ -86,9 +88,11 @@ class Trainer:
         self.log_path = os.path.join(self.local_dir, "train", "train_log.jsonl")
         self.last: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self.started = time.perf_counter()
 
     # ---- the table of contents -----------------------------------------------------------
     def fit(self) -> str:
+        self.started = time.perf_counter()
         self.resume()
         self.tracker.log_params(self.run_params())
         progress = _progress(self.total_steps, self.cursor.global_step, self.env.is_main)
@@ -124,14 +128,19 @@ class Trainer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_norm if self.cfg.train.max_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                          else grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if math.isfinite(grad_norm):  # the same on every rank: the norm is global
+            self.optimizer.step()
+        else:
+            log.warning("step %d: gradient norm is %s; update skipped",
+                        self.cursor.global_step + 1, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         return {**{f"train/{k}": v for k, v in sums.items()}, **counts, "train/lr": lr,
-                "train/grad_norm": float(grad_norm), "train/step_time_s": elapsed,
+                "train/grad_norm": grad_norm, "train/step_time_s": elapsed,
                 "train/tokens_per_s": counts["train/tokens"] / max(elapsed, 1e-9)}
 
     def run_micro_batches(self, micro: list[tuple[list[int], float]], *, backward: bool,
@@ -140,20 +149,20 @@ class Trainer:
         """Forward (+ backward) this rank's micro-batches; returns the loss parts summed
         over micro-batches and ranks, and the global sample / token / loss-token counts."""
         builder = builder or self.train_batches
-        batches = [(builder.build(idx).to(self.env.device), w) for idx, w in micro]
-        real = [b for b, w in batches if w]
-        samples, tokens, loss_tokens = all_reduce_sum(
-            [sum(len(b.sample_ids) for b in real), sum(b.num_tokens for b in real),
-             sum(b.num_loss_tokens for b in real)], self.env)
-        sums: dict[str, float] = defaultdict(float)
-        for batch, weight in batches:
+        real = [i for idx, w in micro if w for i in idx]
+        samples, tokens, loss_tokens = all_reduce_sum(  # the normaliser, before any forward
+            [len(real), int(builder.split.lengths[real].sum()),
+             int(builder.loss_tokens[real].sum())], self.env)
+        sums: dict[str, torch.Tensor] = {}
+        for idx, weight in micro:  # built one at a time: teacher states can be large
+            batch = builder.build(idx).to(self.env.device)
             parts = self.module(batch, max(loss_tokens, 1.0), weight)
             if backward:
                 (parts["loss"] * self.env.world_size).backward()
             for k, v in parts.items():
-                sums[k] += float(v.detach())
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
         keys = sorted(sums)
-        totals = all_reduce_sum([sums[k] for k in keys], self.env)
+        totals = all_reduce_sum([float(sums[k]) for k in keys], self.env)
         return dict(zip(keys, totals, strict=True)), {
             f"{prefix}/samples": samples, f"{prefix}/tokens": tokens,
             f"{prefix}/loss_tokens": loss_tokens}
@@ -174,6 +183,7 @@ class Trainer:
             sums, counts = self.run_micro_batches(micro[self.env.rank], backward=False,
                                                   builder=self.eval_batches, prefix="eval")
         finally:
+            self.module.reshard()  # the root keeps its parameters gathered after forward
             self.module.train()
         self.last_eval = {**{f"eval/{k}": v for k, v in sums.items()}, **counts}
         return self.last_eval
@@ -199,7 +209,10 @@ class Trainer:
             return
         cursor = self.checkpointer.load(self.module, self.optimizer, self.scheduler,
                                         keep_key=self.module.checkpoint_filter)
-        if cursor is not None:
+        if cursor is None:
+            log.info("resume: no checkpoint under %s; starting from step 0",
+                     self.cfg.train.ckpt_path)
+        else:
             self.cursor = Cursor(**cursor)
 
     def save(self) -> None:
@@ -223,8 +236,8 @@ class Trainer:
             progress.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.4f}")
         every = self.cfg.logging.logging_steps
         is_eval = not any(k.startswith("train/") for k in metrics)
-        if not metrics or not self.env.is_main or not (is_eval or every <= 0 or step % every == 0
-                                                        or step == self.total_steps):
+        due = is_eval or every <= 0 or step % every == 0 or step == self.total_steps
+        if not (metrics and self.env.is_main and due):
             return
         self.tracker.log_metrics(metrics, step=step)
         os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
@@ -235,11 +248,20 @@ class Trainer:
         c = self.cursor
         summary = {"steps": c.global_step, "epochs": c.epoch, "samples": c.samples,
                    "tokens": c.tokens, "loss_tokens": c.loss_tokens,
-                   "wall_time_s": round(c.elapsed_s, 3), "world_size": self.env.world_size,
+                   "train_time_s": round(c.elapsed_s, 3),  # optimizer steps, all attempts
+                   "wall_time_s": round(time.perf_counter() - self.started, 3),  # this attempt
+                   "world_size": self.env.world_size,
                    "final_train": self.last, "final_eval": self.last_eval,
                    "save_path": self.cfg.train.save_path}
-        if self.env.is_main:
-            write_summary(self.cfg.train.save_path, summary)
+        if not self.env.is_main:
+            return
+        if os.path.exists(self.log_path):
+            self.tracker.log_artifact(self.log_path, "train")
+            if not storage.is_local(self.cfg.storage.work_dir):
+                storage.write_bytes_atomic(
+                    storage.join(self.cfg.storage.work_dir, "train", "train_log.jsonl"),
+                    Path(self.log_path).read_bytes())
+        write_summary(self.cfg.train.save_path, summary)
 
 
 def _seed_everything(seed: int) -> None:
