@@ -8,8 +8,13 @@ import textwrap
 import pytest
 import torch
 
-from kubedistill.algorithms import (ALGORITHMS, Algorithm, MicroBatch, build_algorithm,
-                                    register_algorithm)
+from kubedistill.algorithms import (
+    ALGORITHMS,
+    Algorithm,
+    MicroBatch,
+    build_algorithm,
+    register_algorithm,
+)
 from kubedistill.config import Config
 from kubedistill.errors import ConfigError
 from kubedistill.losses import LOSSES, register_loss, registry

@@ -173,7 +173,29 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     metrics2 = evaluate(cfg2)
     assert metrics2["score"] > metrics1["score"]  # CE: lower is better
     assert metrics2["eval_data_hash"] == metrics1["eval_data_hash"]
+    # the server drops out twice while registering (after the model is logged, then before
+    # the alias is set): the retries must finish the same registration, not add versions
+    from mlflow.exceptions import MlflowException
+
+    def flaky(method):
+        real, calls = getattr(MlflowClient, method), []
+
+        def wrapper(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MlflowException(f"API request to {server.url} failed with exception "
+                                      "ConnectionError('Connection refused')")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(MlflowClient, method, wrapper)
+        return calls
+
+    methods = ("create_model_version", "set_registered_model_alias")
+    originals = {m: getattr(MlflowClient, m) for m in methods}
+    flaky_calls = [flaky(m) for m in methods]
     reg2 = register(cfg2)
+    for m, real in originals.items():
+        monkeypatch.setattr(MlflowClient, m, real)
+    assert [len(c) >= 2 for c in flaky_calls] == [True, True]
     assert reg2["version"] == "2"
     prom2 = promote(cfg2)
     assert not prom2["promoted"] and "does not beat" in prom2["reason"]

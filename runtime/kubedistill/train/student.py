@@ -81,13 +81,14 @@ def resolve_student(cfg: Config, env: DistEnv, local_work_dir: str) -> str:
     return out
 
 
-def load_student(ref: str, cfg: Config, env: DistEnv) -> nn.Module:
+def load_student(ref: str, cfg: Config, env: DistEnv,
+                 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """The student in fp32 (master weights) and train mode, with gradient checkpointing
-    and LoRA as configured.
+    and LoRA as configured, and the full state that :func:`materialize` spreads.
 
     Only rank 0 reads the weights (into CPU memory); with more ranks the others build the
-    model on the meta device, and :func:`materialize` fills their shards from rank 0 after
-    sharding, so no rank but 0 ever holds a full copy.
+    model on the meta device and receive their shards from rank 0 after sharding, so no
+    rank but 0 ever holds a full copy. Seed first: LoRA's init is rank 0's.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -110,30 +111,25 @@ def load_student(ref: str, cfg: Config, env: DistEnv) -> nn.Module:
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, cfg.model)
-    return model.train()
+    model = apply_lora(model, cfg.model).train()
+    # references, not copies: they keep rank 0's full tensors alive through sharding
+    full = dict(model.state_dict()) if env.is_main and env.world_size > 1 else {}
+    return model, full
 
 
-def materialize(student: nn.Module, env: DistEnv) -> None:
-    """After sharding: give every rank its shard of rank 0's weights, and rank 0's buffers
-    (rotary tables and other non-persistent buffers included). Every rank calls it."""
+def materialize(student: nn.Module, full: dict[str, torch.Tensor], env: DistEnv) -> None:
+    """After sharding: fill every rank's shards from rank 0's ``full`` state, and copy
+    rank 0's buffers (rotary tables and other non-persistent ones too). Every rank calls
+    it; a world of one has nothing to do."""
     if env.world_size == 1:
         return
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    full = {}
-    if env.is_main:
-        full = get_full_state(student)
-    else:
+    if not env.is_main:
         student.to_empty(device=env.device)
     set_model_state_dict(student, full, options=StateDictOptions(
         full_state_dict=True, broadcast_from_rank0=True))
+    full.clear()
     for buf in student.buffers():
         dist.broadcast(buf, src=0)
-
-
-def get_full_state(student: nn.Module) -> dict[str, torch.Tensor]:
-    """Rank 0's full tensors, read from its shards (which hold the whole of each tensor's
-    values on rank 0 only in the sense that rank 0 loaded them before sharding)."""
-    raise NotImplementedError

@@ -32,7 +32,7 @@ from kubedistill.train.export import export_hf, write_summary
 from kubedistill.train.fsdp import DistEnv, all_reduce_sum, build_mesh, mixed_precision, shard
 from kubedistill.train.launch import local_work_dir
 from kubedistill.train.optim import build_optimizer, build_scheduler
-from kubedistill.train.student import DistillModule, load_student, resolve_student
+from kubedistill.train.student import DistillModule, load_student, materialize, resolve_student
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,12 @@ class Trainer:
             raise DataError(f"no '{cfg.data.train_split}' split in {cfg.prepared_path}")
         self.eval_split = data.load_prepared(cfg.prepared_path, cfg.data.eval_split)
         teacher, head = _open_teacher(cfg)
-        student = load_student(self.student_ref, cfg, env.device)
+        student, full_state = load_student(self.student_ref, cfg, env)
         algorithm = build_algorithm(cfg, head, student.config.hidden_size)
         self.module = DistillModule(student, algorithm)
         shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
               mixed_precision(env, t.bf16))
+        materialize(student, full_state, env)
         self.optimizer = build_optimizer(self.module, algorithm.param_groups(),
                                          lr=t.learning_rate, weight_decay=t.weight_decay,
                                          betas=t.adam_betas)
@@ -160,7 +161,8 @@ class Trainer:
             if backward:
                 (parts["loss"] * self.env.world_size).backward()
             for k, v in parts.items():
-                sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+                v = v.detach().double()
+                sums[k] = sums[k] + v if k in sums else v
         keys = sorted(sums)
         totals = all_reduce_sum([float(sums[k]) for k in keys], self.env)
         return dict(zip(keys, totals, strict=True)), {
