@@ -173,3 +173,30 @@ def test_cache_signal_matches_live_teacher(prepared, tiny_model_dir, tiny_teache
     assert cached["eval_kl"] == pytest.approx(live["eval_kl"], rel=1e-4)
     assert cached["eval_top1_agreement"] == live["eval_top1_agreement"]
     assert live["eval_kl"] > 0.0
+
+
+def test_adapters_only_dir_is_merged(tmp_path, tiny_model_dir):
+    """A save_path holding LoRA adapters only is merged into its base before use."""
+    from peft import LoraConfig, get_peft_model
+
+    from kubedistill.evaluate.model_dir import is_adapter_dir, load_model
+
+    base = load_causal_lm(tiny_model_dir)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                              "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # make the adapters matter
+    out = str(tmp_path / "adapters")
+    peft.save_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    with torch.no_grad():
+        expected = peft(ids).logits
+        plain = load_causal_lm(tiny_model_dir)(ids).logits
+    assert is_adapter_dir(out)
+    model, tok, _ = load_model(out, base_ref=tiny_model_dir)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4) and not torch.allclose(got, plain, atol=1e-3)
+    assert tok.pad_token_id is not None or tok.eos_token_id is not None

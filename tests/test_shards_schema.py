@@ -30,7 +30,8 @@ def test_encode_decode_round_trip(dtype, tol):
     if dtype == "fp8":
         assert np.allclose(scale, h.abs().amax(dim=1).numpy() / FP8_MAX)
     if dtype == "bf16":  # stored bits are exactly torch's bf16 bits
-        assert np.array_equal(flat, h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(-1))
+        bits = h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).reshape(-1)
+        assert np.array_equal(flat, bits)
         assert decode_hidden(flat, None, "bf16", 32, None).dtype == torch.bfloat16
 
 

@@ -123,7 +123,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_teacher_dir, prepared, r
     deadline = time.time() + 60
     def committed() -> list[str]:
         names = os.listdir(markers) if os.path.isdir(markers) else []
-        return sorted(f for f in names if f.endswith(".json"))
+        return sorted(f for f in names
+                      if f.endswith(".json") and f.startswith(("train-", "eval-")))
 
     while time.time() < deadline and not committed():
         time.sleep(0.02)

@@ -79,3 +79,22 @@ def test_tracking_off(tmp_path, monkeypatch):
     assert isinstance(make_tracker(_cfg(tmp_path, "none"), "train"), NullTracker)
     monkeypatch.setenv("RANK", "1")
     assert isinstance(make_tracker(_cfg(tmp_path), "train"), NullTracker)
+
+
+def test_plot_curves_from_train_log_records(tmp_path):
+    from kubedistill.tracking.plots import curves, plot_curves, read_records
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 1, "train/loss": 3.0, "lr": 1e-3, "phase": "train"},
+        {"step": 2, "train/loss": 2.5, "lr": 1e-3},
+        {"step": 2, "eval/loss": 2.7},
+        {"no_step": 1}]) + "\nnot json\n")
+    records = read_records(str(log))
+    assert len(records) == 4
+    data = curves(records)
+    assert data["train/loss"] == ([1.0, 2.0], [3.0, 2.5]) and "phase" not in data
+    assert data["eval/loss"] == ([2.0], [2.7])
+    out = plot_curves(records, str(tmp_path / "c.png"))
+    assert out and (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves([{"step": 1, "note": "x"}], str(tmp_path / "none.png")) is None

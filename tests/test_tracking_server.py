@@ -189,7 +189,7 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
         monkeypatch.setattr(MlflowClient, method, wrapper)
         return calls
 
-    methods = ("create_model_version", "set_registered_model_alias")
+    methods = ("_create_model_version", "set_registered_model_alias")
     originals = {m: getattr(MlflowClient, m) for m in methods}
     flaky_calls = [flaky(m) for m in methods]
     reg2 = register(cfg2)
@@ -197,6 +197,9 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
         monkeypatch.setattr(MlflowClient, m, real)
     assert [len(c) >= 2 for c in flaky_calls] == [True, True]
     assert reg2["version"] == "2"
+    exp_id = client.get_run(reg2["run_id"]).info.experiment_id
+    logged = client.search_logged_models([exp_id], f"source_run_id = '{reg2['run_id']}'")
+    assert len(logged) == 1  # the retry registered the model already logged, not a new one
     prom2 = promote(cfg2)
     assert not prom2["promoted"] and "does not beat" in prom2["reason"]
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"

@@ -195,14 +195,17 @@ def cache_teacher(cfg: Config) -> dict:
     log.info("teacher cache %s: %d of %d shards to write", cache_uri, len(pending), len(mine))
 
     written_tokens, engine, hidden_size = 0, None, None
-    head_uri = storage.join(cache_uri, "head.json")
-    if pending or not storage.exists(head_uri):
+    head_marker = marker_uri(cache_uri, "lm_head")
+    head_done = storage.exists(head_marker) and \
+        storage.read_json(head_marker).get("key_hash") == key_hash
+    if pending or not head_done:
         backend = resolve_backend(cfg.cache.teacher_backend)
         model = load_hf_teacher(cfg, model_path) if backend == "hf" else None
         head = (TeacherHead.from_model(model) if model is not None
                 else TeacherHead.from_pretrained(model_path, cfg.model.trust_remote_code))
-        if not storage.exists(head_uri):
+        if not head_done:  # written once per key, then marked (like a shard)
             head.save(cache_uri)
+            storage.write_json_atomic(head_marker, {"key_hash": key_hash})
         head = head.to("cpu").float()
         hidden_size = head.hidden_size
         if pending:

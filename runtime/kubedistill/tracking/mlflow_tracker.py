@@ -68,7 +68,8 @@ class MlflowTracker:
         self.spool_path = os.path.join(spool_dir, f"{stage}-{os.getpid()}-"
                                                   f"{uuid.uuid4().hex[:6]}.jsonl")
         self._queue(_Op("tags", runs.run_tags(cfg, stage)))
-        self._queue(_Op("params", runs.config_params(cfg)))
+        self._params: dict[str, str] = runs.config_params(cfg)
+        self._queue(_Op("params", dict(self._params)))
         self._queue(_Op("text", (cfg.to_yaml(), "config/config.yaml")))
         self._flush(force=True)
         self._sampler = (SystemSampler(lambda m, s: self.log_metrics(m, s, _history=False))
@@ -76,8 +77,20 @@ class MlflowTracker:
 
     # ---- Tracker protocol ---------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        clean = {k: str(v)[:6000] for k, v in params.items() if not runs.is_secret_name(k)}
-        self._submit(_Op("params", clean))
+        """Params are write-once in MLflow: a key already logged with another value is skipped
+        (with a warning) instead of failing the whole batch."""
+        clean = {}
+        for k, v in params.items():
+            if runs.is_secret_name(k):
+                continue
+            v = str(v)[:6000]
+            if self._params.get(k, v) != v:
+                log.warning("param %s already logged as %r; not changing it to %r", k,
+                            self._params[k], v)
+                continue
+            clean[k] = self._params[k] = v
+        if clean:
+            self._submit(_Op("params", clean))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None, *,
                     _history: bool = True) -> None:
@@ -269,29 +282,17 @@ class MlflowTracker:
             os.remove(self.spool_path)
 
     def _log_stage_files(self) -> None:
-        """Manifests and reports of the stage's inputs/outputs, plus the trainer's curves.
-
-        The train run carries the prepared manifest, the bad-row report and the teacher-cache
-        manifest it trained from, so they are in MLflow even when earlier stages ran without
-        a tracker."""
-        cfg = self.cfg
-        prepared = [(cfg.prepared_path, "manifest.json", "prepared"),
-                    (cfg.prepared_path, "bad_rows.jsonl", "prepared")]
-        cache = [(cfg.teacher_cache_path, "manifest.json", "teacher_cache")]
-        files = {"prepare": prepared, "cache-teacher": cache, "merge-cache": cache,
-                 "train": prepared + cache + [
-                     (cfg.storage.work_dir, "train/train_log.jsonl", "train")]}
-        for base, name, folder in files.get(self.stage, []):
-            uri = storage.join(base, name)
+        """The stage's manifests and reports (:func:`runs.stage_files`), plus train curves."""
+        for uri, folder in runs.stage_files(self.cfg, self.stage):
             try:
                 if not storage.exists(uri):
                     continue
-                dst = os.path.join(self._tmp, "files", folder, os.path.basename(name))
+                dst = os.path.join(self._tmp, "files", folder, uri.rsplit("/", 1)[-1])
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
                 with open(dst, "wb") as f:
                     f.write(storage.read_bytes(uri))
             except OSError:
                 continue
             self.log_artifact(dst, folder)
-            if name.endswith("train_log.jsonl"):
+            if uri.endswith("train_log.jsonl"):
                 self.log_curves(read_records(dst), "train_curves")

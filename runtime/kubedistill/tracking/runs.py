@@ -193,3 +193,15 @@ def parent_run_id(client: Any, cfg: Config, uri: str, exp_id: str) -> str:
     storage.write_json_atomic(marker, {"run_id": run.info.run_id, "tracking_uri": uri,
                                        "experiment_id": exp_id})
     return run.info.run_id
+
+
+def stage_files(cfg: Config, stage: str) -> list[tuple[str, str]]:
+    """``(uri, artifact folder)`` of the small files a stage's run carries. The train run also
+    carries the prepared manifest, bad-row report and teacher-cache manifest it trained from,
+    so they reach MLflow even when earlier stages ran without a tracker."""
+    prepared = [(storage.join(cfg.prepared_path, "manifest.json"), "prepared"),
+                (storage.join(cfg.prepared_path, "bad_rows.jsonl"), "prepared")]
+    cache = [(storage.join(cfg.teacher_cache_path, "manifest.json"), "teacher_cache")]
+    train_log = [(storage.join(cfg.storage.work_dir, "train", "train_log.jsonl"), "train")]
+    return {"prepare": prepared, "cache-teacher": cache, "merge-cache": cache,
+            "train": prepared + cache + train_log}.get(stage, [])
