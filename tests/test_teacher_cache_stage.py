@@ -230,3 +230,13 @@ def test_topk_logprobs_are_the_heads_top_k(tiny_teacher_dir, prepared, tmp_path)
         assert st.topk_ids.shape == (st.hidden.shape[0], 5)
         assert torch.equal(st.topk_ids, ids)
         assert torch.allclose(st.topk_logprobs, values, atol=1e-5)
+
+
+def test_unfinished_cache_of_another_teacher_is_rewritten(tiny_teacher_dir, tiny_model_dir,
+                                                          prepared, reference, tmp_path):
+    cache = str(tmp_path / "cache")
+    cache_teacher(make_cfg(tiny_model_dir, prepared, cache, num_shards=2, shard_index=0))
+    out = cache_teacher(make_cfg(tiny_teacher_dir, prepared, cache))
+    assert out["shards_written"] == 6  # no stale shard of the other teacher survives
+    assert torch.equal(TeacherCache(cache).head().weight, TeacherCache(reference).head().weight)
+    assert shard_bytes(cache) == shard_bytes(reference)
