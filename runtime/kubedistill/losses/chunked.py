@@ -146,7 +146,10 @@ class _FusedLinearKD(torch.autograd.Function):
             teacher_logits = spec.teacher_logits(start, end)
             logits = _upcast(h_chunk @ weight.T)
             kd_grad_fn = ANALYTIC.get(spec.loss_fn)
-            if teacher_logits is None or kd_grad_fn is not None:
+            if not (need_h or need_w):  # evaluation: values only
+                objective, ce, kd = _terms(logits, teacher_logits, spec, start, end, False)
+                g = None
+            elif teacher_logits is None or kd_grad_fn is not None:
                 objective, ce, kd, g = _analytic_terms(logits, teacher_logits, spec, start,
                                                        end, kd_grad_fn)
             else:
