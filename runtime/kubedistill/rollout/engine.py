@@ -1,0 +1,104 @@
+"""The ``RolloutEngine`` protocol: the student generating from prompts, on-policy.
+
+    engine.generate(prompts, n_samples_per_prompt=..., max_new_tokens=..., temperature=...,
+                    top_p=..., seed=...) -> list[Sample]
+
+``prompts[i]`` is a list of token ids; the result holds ``n`` samples per prompt, prompt-major
+(prompt 0's samples first). A :class:`Sample` carries the SAMPLED token ids (never decoded and
+re-encoded), one sampling log-prob per response token (the log-probability under the
+distribution the token was drawn from: after temperature and top-p), and a finish reason:
+
+- ``"stop"``: a stop token (EOS / end of turn) was sampled; it is the LAST response token;
+- ``"length"``: ``max_new_tokens`` tokens were sampled and none of them is a stop token.
+
+``load_weights(named_tensors)`` takes ``(name, tensor)`` pairs with the student's HF names
+(a bucket at a time, see :mod:`kubedistill.rollout.sync`). ``sleep()`` / ``wake()`` release and
+resume the engine's accelerator memory (no-ops where there is nothing to release).
+
+Backends: ``hf`` (:mod:`kubedistill.rollout.hf`, transformers ``generate``, any device) and
+``sglang`` (:mod:`kubedistill.rollout.sglang`, in-process ``sglang.Engine``, GPU). ``auto``
+picks sglang when CUDA is available and sglang imports, else hf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class Sample:
+    """One rollout: ``prompt_ids`` + ``response_ids`` (sampled), see the module docstring."""
+
+    prompt_index: int  # index into the ``prompts`` argument of ``generate``
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[float] = field(default_factory=list)  # one per response token
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int,
+                 max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int) -> list[Sample]:
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        ...
+
+    def sleep(self) -> None:
+        ...
+
+    def wake(self) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def finish(tokens: Sequence[int], stop_ids: set[int], max_new_tokens: int,
+           ) -> tuple[list[int], str]:
+    """Cut a generated continuation after its first stop token.
+
+    -> ``(response_ids, "stop")`` ending with that stop token, or ``(tokens, "length")``
+    when none was sampled (the response is then exactly ``max_new_tokens`` long, or shorter
+    only if the engine stopped for a reason of its own, which is still a truncation).
+    """
+    tokens = [int(t) for t in tokens[:max_new_tokens]]
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return tokens[:i + 1], "stop"
+    return tokens, "length"
+
+
+def resolve_rollout_backend(name: str) -> str:
+    from kubedistill.teacher.engine import resolve_backend
+
+    return resolve_backend(name)
+
+
+def make_rollout_engine(cfg, model_path: str, device: str, model: torch.nn.Module | None = None,
+                        ) -> RolloutEngine:
+    """The engine ``cfg.rollout.rollout_backend`` asks for, loaded from ``model_path`` (the
+    student's initial weights; later weights arrive through ``load_weights``)."""
+    backend = resolve_rollout_backend(cfg.rollout.rollout_backend)
+    if backend == "sglang":
+        from kubedistill.rollout.sglang import SGLangRolloutEngine
+
+        return SGLangRolloutEngine.from_config(cfg, model_path)
+    from kubedistill.rollout.hf import HFRolloutEngine
+
+    return HFRolloutEngine.from_pretrained(model_path, device=device,
+                                           attn_implementation=cfg.model.attn_implementation,
+                                           trust_remote_code=cfg.model.trust_remote_code) \
+        if model is None else HFRolloutEngine(model)
