@@ -94,10 +94,8 @@ def emit(stage: str, event: str, **fields: Any) -> None:
 
 
 def stage_function(stage: str):
-    """The runtime function of ``stage``. ``$KUBEDISTILL_STAGE_IMPL`` (JSON: stage ->
-    "module:function") replaces some, for tests of the pipeline plumbing."""
-    custom = json.loads(os.environ.get("KUBEDISTILL_STAGE_IMPL") or "{}")
-    return resolve(custom.get(stage, STAGE_FUNCTIONS[stage]))
+    """The runtime function of ``stage``."""
+    return resolve(STAGE_FUNCTIONS[stage])
 
 
 def resolve(target: str):

@@ -1,10 +1,10 @@
 """`kubedistill run`: the off-policy KFP pipeline executed by kfp.local.
 
-- plumbing, with stand-in stages (tests/test_pipelines_fakes.py): fan-out over 2 shards,
-  collected merge, If-gated promote, exit handler closing the MLflow parent run FINISHED,
-  one progress line per stage start/end, the summary; a failing stage closes it FAILED;
 - end to end with the real stages on tiny models (2-3 layer Llamas with the SmolLM2
-  tokenizer) and real GSM8K rows: manifests, model, metrics, registry aliases.
+  tokenizer) and real GSM8K rows: fan-out over 2 shards, collected merge, If-gated promote,
+  exit handler closing the MLflow parent run FINISHED, one progress line per stage
+  start/end, the summary, manifests, model, metrics, registry aliases;
+- a real failure (missing input data) closes the parent run FAILED.
 """
 
 from __future__ import annotations
@@ -25,18 +25,9 @@ STAGES = ("prepare", "cache-teacher[1/2]", "cache-teacher[2/2]", "merge-cache", 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in ("MLFLOW_TRACKING_URI", "KUBEDISTILL_STAGE_IMPL", "FAKE_FAIL_STAGE"):
+    for var in ("MLFLOW_TRACKING_URI",):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
-
-
-@pytest.fixture
-def fakes(clean_env):
-    from test_pipelines_fakes import impl_env
-
-    for key, value in impl_env().items():
-        clean_env.setenv(key, value)
-    return clean_env
 
 
 def _recipe(tmp_path: Path, body: dict) -> str:
@@ -61,49 +52,22 @@ def _progress(text: str) -> dict[str, list[str]]:
     return events
 
 
-def test_plumbing_with_stand_in_stages(tmp_path, fakes):
+def test_failing_stage_closes_the_parent_run_failed(tmp_path, clean_env):
+    """A real failure (the training data does not exist): prepare fails, nothing after it
+    runs, and the exit handler still closes the MLflow parent run as FAILED."""
     work = tmp_path / "work"
-    recipe = _recipe(tmp_path, {"storage": {"work_dir": str(work)},
-                                "tracking": {"experiment_name": "plumbing"}})
-    out = io.StringIO()
-    ok, run_dir = run(recipe, {"num_shards": 2}, out=out)
-    text = out.getvalue()
-    assert ok, text
-    assert run_dir == work
-    progress = _progress(text)
-    for stage in STAGES:
-        assert progress[stage] == ["started", "done"], (stage, text)
-    lines = text.splitlines()  # header (2 lines), progress lines only, then the summary
-    end = next(i for i, line in enumerate(lines) if "SUCCEEDED in" in line)
-    assert all(re.match(r"^  \[\d\d:\d\d:\d\d\] ", line) for line in lines[2:end])
-    merged = json.loads((work / "teacher_cache" / "manifest.json").read_text())
-    assert merged["shards"] == ["shard-00000.manifest.json", "shard-00001.manifest.json"]
-    assert (work / "registry" / "promotion.json").exists()
-    assert json.loads((work / "model" / "config.json").read_text()) == {
-        "algorithm": "vanilla_kd"}
-    # the KFP artifacts point at the storage URIs
-    artifact = next((work / "kfp").glob("*/merge-cache/teacher_cache"))
-    assert json.loads(artifact.read_text())["shards"] == merged["shards"]
-    parents = _parent_runs(work, "plumbing")
-    assert [r.info.status for r in parents] == ["FINISHED"]
-    reg = json.loads((work / "registry" / "registration.json").read_text())
-    assert reg["parent_run_id"] == parents[0].info.run_id
-    assert f"mlflow ui --backend-store-uri sqlite:///{work}/mlflow.db" in text
-    assert (work / "pipeline.log").stat().st_size > 0
-
-
-def test_failing_stage_closes_the_parent_run_failed(tmp_path, fakes):
-    fakes.setenv("FAKE_FAIL_STAGE", "train")
-    work = tmp_path / "work"
-    recipe = _recipe(tmp_path, {"storage": {"work_dir": str(work)},
-                                "tracking": {"experiment_name": "failing"}})
+    recipe = _recipe(tmp_path, {
+        "model": {"teacher_name_or_path": "packaged:smollm2-135m-instruct"},
+        "data": {"train_dataset_path": str(tmp_path / "missing.jsonl")},
+        "storage": {"work_dir": str(work)},
+        "tracking": {"experiment_name": "failing"}})
     out = io.StringIO()
     ok, _ = run(recipe, out=out)
     text = out.getvalue()
     assert not ok
-    assert _progress(text)["train"] == ["started", "FAILED"]
-    assert "evaluate" not in _progress(text)
-    assert "RuntimeError: fake failure in train" in text
+    assert _progress(text)["prepare"] == ["started", "FAILED"]
+    assert "train" not in _progress(text)
+    assert "missing.jsonl" in text
     assert [r.info.status for r in _parent_runs(work, "failing")] == ["FAILED"]
     assert re.search(r"^kubedistill run recipe: FAILED in \d+s$", text, re.M)
 
@@ -157,4 +121,14 @@ def test_off_policy_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_model_di
     for alias in ("challenger", "champion"):
         version = client.get_model_version_by_alias("tiny-student", alias).version
         assert str(version) == reg["version"]
-    assert [r.info.status for r in _parent_runs(work, "e2e")] == ["FINISHED"]
+    parents = _parent_runs(work, "e2e")
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert reg["parent_run_id"] == parents[0].info.run_id
+    # progress lines only between the header and the summary; KFP artifacts point at URIs
+    lines = text.splitlines()
+    end = next(i for i, line in enumerate(lines) if "SUCCEEDED in" in line)
+    assert all(re.match(r"^  \[\d\d:\d\d:\d\d\] ", line) for line in lines[2:end])
+    artifact = next((work / "kfp").glob("*/merge-cache/teacher_cache"))
+    assert json.loads(artifact.read_text())["shards"] == cache["shards"]
+    assert f"mlflow ui --backend-store-uri sqlite:///{work}/mlflow.db" in text
+    assert (work / "pipeline.log").stat().st_size > 0

@@ -8,7 +8,9 @@ the teacher (:mod:`kubedistill.data.masks`), applies the length policy
 The teacher gets its own tokenization (``teacher_*`` columns) when a teacher takes part and
 its tokenizer differs from the student's (vocabulary, chat template, bos/eos handling) or
 ``teacher_input_key`` gives it a different prompt; otherwise those columns are null and the
-teacher reads ``input_ids``. With ``length_policy: truncate`` and a shared vocabulary the
+teacher reads ``input_ids``. When the vocabularies differ, ``ct_align`` holds the
+(student_pos, teacher_pos) alignment of the two tokenizations (:mod:`kubedistill.crosstok`).
+With ``length_policy: truncate`` and a shared vocabulary the
 teacher keeps as many tokens after its prompt as the student does, so targets stay aligned.
 
 Bad rows: each is reported once as ``{split, source, file, row, id, field, reason}``; with
@@ -56,6 +58,13 @@ class SampleBuilder:
         self.length: dict[str, Counter] = {"train": Counter(), "eval": Counter()}
         self.filtered_ids: list[str] = []
         self.max_student_id = -1
+        # cross-tokenizer alignment (different vocabularies): token byte tables of both sides
+        self.ct_tables = None
+        if self.teacher is not None and pair.teacher is not None and not self.same_vocab:
+            from kubedistill.crosstok.vocab import token_table
+
+            self.ct_tables = (token_table(pair.student), token_table(pair.teacher))
+        self.ct_counts = {"train": Counter(), "eval": Counter()}
 
     # ---- bad rows ----------------------------------------------------------------------
     def report_bad(self, source: Source, record: Record, field: str | None, reason: str,
@@ -116,10 +125,18 @@ class SampleBuilder:
             self.length[split][event] += 1
         self.length[split]["kept"] += 1
         self.max_student_id = max(self.max_student_id, max(ids))
+        ct_align = None
+        if self.ct_tables is not None and t_ids is not None:
+            from kubedistill.crosstok.align import align_pairs, flatten_pairs
+
+            pairs = align_pairs(ids, t_ids, *self.ct_tables, mask, t_mask)
+            ct_align = flatten_pairs(pairs)
+            self.ct_counts[split]["aligned"] += len(pairs)
+            self.ct_counts[split]["loss_tokens"] += int(sum(mask[1:]))
         return {"id": sample_id, "input_ids": ids, "loss_mask": mask, "prompt_len": plen,
                 "teacher_input_ids": t_ids, "teacher_loss_mask": t_mask,
                 "teacher_prompt_len": t_plen, "response": conv.response, "label": conv.label,
-                "images": images}
+                "images": images, "ct_align": ct_align}
 
 
 def _images(row: dict[str, Any], key: str | None) -> list[bytes] | None:

@@ -97,6 +97,7 @@ def prepare(cfg: Config) -> dict[str, Any]:
                           f"{rows} embedding rows; the tokenizer and model do not match")
 
     splits = _write_data(out, {"train": train_rows, "eval": eval_rows}, builder.bad)
+    cross_tokenizer = _write_vocab_map(out, pair, builder)
     manifest = {
         "schema_version": prepared.SCHEMA_VERSION, "stage": "prepare",
         "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -112,6 +113,7 @@ def prepare(cfg: Config) -> dict[str, Any]:
                        "teacher_tokenization_reason": builder.teacher_reason,
                        "chat_template_applied": builder.student.use_template},
         "preflight": pair.report,
+        "cross_tokenizer": cross_tokenizer,
         "bad_rows": {"count": len(builder.bad), "file": "bad_rows.jsonl",
                      "by_reason": dict(Counter(_reason_kind(b) for b in builder.bad)),
                      "rows": builder.bad[:MAX_LISTED]},
@@ -141,6 +143,23 @@ def _write_data(out: str, rows: dict[str, list], bad: list[dict[str, Any]]) -> d
     storage.write_bytes_atomic(storage.join(out, "bad_rows.jsonl"), "".join(
         json.dumps(b, ensure_ascii=False) + "\n" for b in bad).encode())
     return splits
+
+
+def _write_vocab_map(out: str, pair, builder: SampleBuilder) -> dict[str, Any] | None:
+    """``vocab_map.safetensors`` for a pair with different vocabularies (see
+    :mod:`kubedistill.crosstok`); returns the manifest's ``cross_tokenizer`` entry."""
+    if builder.ct_tables is None:
+        return None
+    from kubedistill.crosstok.vocab import VOCAB_MAP_FILE, build_vocab_map
+
+    vmap = build_vocab_map(*builder.ct_tables)
+    digest = vmap.save(out)
+    ratios = {s: c["aligned"] / max(1, c["loss_tokens"]) for s, c in builder.ct_counts.items()}
+    log.info("prepare: vocabulary map of %d shared tokens; aligned loss positions %s",
+             len(vmap), {k: round(v, 4) for k, v in ratios.items()})
+    return {"vocab_map": {"file": VOCAB_MAP_FILE, "hash": digest, "size": len(vmap)},
+            "alignment": "ct_align", "aligned_ratio": ratios,
+            "counts": {k: dict(v) for k, v in builder.ct_counts.items()}}
 
 
 def _read_all(refs: list[str], split_name: str, role: str, builder: SampleBuilder) -> list:

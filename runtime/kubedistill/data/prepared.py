@@ -31,6 +31,8 @@ SCHEMA = pa.schema([
     ("label", pa.string()),
     ("images", pa.list_(pa.binary())),
     ("num_tokens", pa.int32()),
+    # cross-tokenizer: (student_pos, teacher_pos) pairs flattened, see kubedistill.crosstok
+    ("ct_align", pa.list_(pa.int32())),
 ])
 _HASHED = ("id", "input_ids", "loss_mask", "teacher_input_ids", "teacher_loss_mask", "label")
 

@@ -157,8 +157,8 @@ def _register_once(cfg: Config, client, uri: str, local: str, key: str, metrics:
         client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, "challenger", version)
     client.set_terminated(run_id, "FINISHED")
-    return {"name": name, "version": str(version), "run_id": run_id, "tracking_uri": uri,
-            "model_uri": f"models:/{name}/{version}", "alias": "challenger",
+    return {"name": name, "version": str(version), "run_id": run_id, "parent_run_id": parent,
+            "tracking_uri": uri, "model_uri": f"models:/{name}/{version}", "alias": "challenger",
             "score": metrics.get("score"), "score_metric": metrics.get("score_metric"),
             "higher_is_better": metrics.get("higher_is_better"),
             "eval_data_hash": metrics.get("eval_data_hash"), "registration_key": key}

@@ -43,6 +43,8 @@ class PreparedSplit:
     tokens: np.ndarray  # [total] int64
     loss_mask: np.ndarray  # [total] int8
     offsets: np.ndarray  # [N + 1] int64
+    # cross-tokenizer: per sample [M, 2] (student_pos, teacher_pos) pairs (``ct_align``)
+    ct_align: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -68,9 +70,14 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
     """The ``split`` of the prepared dataset, or None when the split is absent or empty."""
     from kubedistill.data.prepared import load_split
 
-    table = load_split(prepared_path, split, columns=["id", "input_ids", "loss_mask"])
+    table = load_split(prepared_path, split)
     if table is None or table.num_rows == 0:
         return None
+    ct_align = None
+    if "ct_align" in table.column_names and table.column("ct_align").null_count < table.num_rows:
+        from kubedistill.crosstok.align import unflatten_pairs
+
+        ct_align = [unflatten_pairs(x) for x in table.column("ct_align").to_pylist()]
     ids = [str(x) for x in table.column("id").to_pylist()]
     if len(set(ids)) != len(ids):
         raise DataError(f"{prepared_path}/{split}: sample ids are not unique")
@@ -82,7 +89,7 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
     base = offsets[0]
     return PreparedSplit(ids, tokens.values.to_numpy()[base:offsets[-1]].astype(np.int64),
                          mask.values.to_numpy()[base:offsets[-1]].astype(np.int8),
-                         offsets - base)
+                         offsets - base, ct_align)
 
 
 # ---- planning --------------------------------------------------------------------------
@@ -169,6 +176,12 @@ class BatchBuilder:
     ``teacher`` is a ``TeacherCache`` (or anything with ``.get(sample_id)`` returning an
     object with ``positions`` [n] and ``hidden`` [n, d]); its rows must be the positions
     that predict a target, in order, one per target (checked; the error names the sample).
+
+    Cross-tokenizer splits (``split.ct_align``): the teacher rows are the teacher-side
+    target positions, joined through the alignment instead: ``teacher_hidden`` holds every
+    cached row, and ``extras`` get ``ct_student_index`` / ``ct_teacher_index`` [M] (aligned
+    rows of ``loss_index`` and of ``teacher_hidden``), ``ct_student_sample`` [N] and
+    ``ct_teacher_sample`` [N_t] (the sample of each row, 0..B-1).
     """
 
     def __init__(self, split: PreparedSplit, *, pad_id: int, packing: bool, teacher=None):
@@ -203,9 +216,43 @@ class BatchBuilder:
                            attention_mask=attention, loss_index=torch.cat(loss_index).long(),
                            target_ids=torch.cat(targets).long(),
                            sample_ids=[self.split.ids[i] for i in indices])
-        if self.teacher is not None:
+        if self.teacher is not None and self.split.ct_align is not None:
+            self._join_aligned(batch, indices, [np.nonzero(m[1:])[0] for _, m in seqs])
+        elif self.teacher is not None:
             self._join_teacher(batch, [np.nonzero(m[1:])[0] for _, m in seqs])
         return batch
+
+    def _join_aligned(self, batch: MicroBatch, indices: list[int],
+                      positions: list[np.ndarray]) -> None:
+        hidden, s_index, t_index, s_sample, t_sample = [], [], [], [], []
+        s_base = t_base = 0
+        for b, (sid, i, pos) in enumerate(zip(batch.sample_ids, indices, positions,
+                                              strict=True)):
+            states = self.teacher.get(sid)
+            t_pos = states.positions.cpu().numpy() if hasattr(states.positions, "cpu") \
+                else np.asarray(states.positions)
+            t_pos = t_pos.astype(np.int64)
+            pairs = self.split.ct_align[i]
+            s_row = np.searchsorted(pos, pairs[:, 0])
+            t_row = np.searchsorted(t_pos, pairs[:, 1])
+            if len(pairs) and (s_row.max() >= len(pos) or t_row.max() >= len(t_pos)
+                               or not np.array_equal(pos[s_row], pairs[:, 0])
+                               or not np.array_equal(t_pos[t_row], pairs[:, 1])):
+                raise ArtifactMismatch(f"teacher cache sample {sid!r}: the cross-tokenizer "
+                                       "alignment names positions that are not loss positions "
+                                       "of the prepared data / the cache (stale cache?)")
+            hidden.append(states.hidden)
+            s_index.append(torch.from_numpy(s_row + s_base))
+            t_index.append(torch.from_numpy(t_row + t_base))
+            s_sample.append(torch.full((len(pos),), b, dtype=torch.long))
+            t_sample.append(torch.full((len(t_pos),), b, dtype=torch.long))
+            s_base += len(pos)
+            t_base += len(t_pos)
+        batch.teacher_hidden = torch.cat(hidden)
+        batch.extras.update(ct_student_index=torch.cat(s_index).long(),
+                            ct_teacher_index=torch.cat(t_index).long(),
+                            ct_student_sample=torch.cat(s_sample),
+                            ct_teacher_sample=torch.cat(t_sample))
 
     def _join_teacher(self, batch: MicroBatch, positions: list[np.ndarray]) -> None:
         hidden, topk_lp, topk_ids = [], [], []

@@ -300,6 +300,16 @@ def default_tracker_factory():
     return make_tracker
 
 
+def trainer_class(cfg: Config) -> type:
+    """:class:`Trainer` (off-policy / SFT), or the on-policy loop when
+    ``rollout_num_engines > 0`` (:mod:`kubedistill.train.on_policy`)."""
+    if cfg.rollout.rollout_num_engines > 0:
+        from kubedistill.train.on_policy import OnPolicyTrainer
+
+        return OnPolicyTrainer
+    return Trainer
+
+
 def run_worker(cfg: Config, tracker_factory=None) -> str:
     """One rank of the run (under torchrun, or alone as a world of one)."""
     from kubedistill.train.fsdp import close, init_distributed
@@ -308,7 +318,7 @@ def run_worker(cfg: Config, tracker_factory=None) -> str:
     factory = tracker_factory or default_tracker_factory()
     tracker = factory(cfg, "train") if (factory and env.is_main) else NullTracker()
     try:
-        out = Trainer(cfg, env, tracker).fit()
+        out = trainer_class(cfg)(cfg, env, tracker).fit()
     except BaseException:
         tracker.close("FAILED")
         raise

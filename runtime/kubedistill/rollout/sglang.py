@@ -1,0 +1,116 @@
+"""The ``sglang`` rollout engine: an in-process ``sglang.Engine`` (GPU), imported lazily.
+
+Engine settings: ``skip_tokenizer_init=True`` (token ids in, token ids out: the trainer
+trains on exactly the sampled ids), ``tp_size=rollout_tp_size``,
+``mem_fraction_static=rollout_mem_fraction_static``, ``random_seed=seed``, and with
+``enable_sleep`` ``enable_memory_saver=True`` so that :meth:`sleep` / :meth:`wake`
+(``release_memory_occupation`` / ``resume_memory_occupation``) free the weights and KV cache
+while the student trains on the same GPUs. Only SGLang's public Engine API is used.
+
+Requests: ``input_ids`` (each prompt repeated ``n`` times), ``sampling_params`` with
+``temperature``, ``top_p``, ``max_new_tokens``, ``sampling_seed`` (a per-sample seed derived
+from ``seed``), and ``return_logprob=True``. From each output: ``output_ids``,
+``meta_info["finish_reason"]["type"]`` (``"stop"`` / ``"length"``; ``"abort"`` is an error)
+and ``meta_info["output_token_logprobs"]`` (``(logprob, token_id, text)`` per token). If the
+matched stop token is not among the returned ids it is appended (it was sampled; its
+log-prob is then unknown, NaN).
+
+Weights: :meth:`load_weights` pushes ``(name, tensor)`` pairs with
+``update_weights_from_tensor`` (one call per bucket; the caller buckets,
+:mod:`kubedistill.rollout.sync`); SGLang's loaders accept HF parameter names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from kubedistill.errors import KubedistillError
+from kubedistill.rollout.engine import Sample, finish
+
+log = logging.getLogger(__name__)
+
+
+def engine_kwargs(cfg, model_path: str) -> dict[str, Any]:
+    r = cfg.rollout
+    return dict(model_path=model_path, tp_size=r.rollout_tp_size,
+                mem_fraction_static=r.rollout_mem_fraction_static,
+                skip_tokenizer_init=True, random_seed=cfg.train.seed,
+                trust_remote_code=cfg.model.trust_remote_code,
+                enable_memory_saver=bool(cfg.train.enable_sleep))
+
+
+def parse_output(out: dict, prompt_index: int, prompt: Sequence[int], stop_ids: set[int],
+                 max_new_tokens: int) -> Sample:
+    """One ``Engine.generate`` output -> :class:`Sample` (see the module docstring)."""
+    meta = out.get("meta_info", {})
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    ids = [int(t) for t in out.get("output_ids", [])]
+    lps = [float(e[0]) if e[0] is not None else math.nan
+           for e in meta.get("output_token_logprobs") or []]
+    if kind == "stop":
+        matched = reason.get("matched") if isinstance(reason, dict) else None
+        if isinstance(matched, int) and (not ids or ids[-1] != matched):
+            ids.append(matched)
+            lps.append(math.nan)
+        response = ids
+    elif kind == "length":
+        response, kind = finish(ids, stop_ids, max_new_tokens)
+    else:
+        raise KubedistillError(f"sglang rollout ended with finish reason {reason!r}")
+    lps = (lps + [math.nan] * len(response))[:len(response)]
+    return Sample(prompt_index, [int(t) for t in prompt], response, kind, lps)
+
+
+class SGLangRolloutEngine:
+    def __init__(self, engine: Any, stop_ids: set[int], offload_tags: list[str] | None = None):
+        self.engine = engine
+        self.stop_ids = stop_ids
+        self.offload_tags = offload_tags
+        self.push_device = torch.device("cuda", torch.cuda.current_device())  # CUDA IPC
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str) -> SGLangRolloutEngine:
+        import sglang  # lazy: GPU images only
+
+        from kubedistill.rollout.hf import stop_token_ids
+        from kubedistill.teacher.weights import meta_model
+
+        stop = stop_token_ids(meta_model(model_path, cfg.model.trust_remote_code))
+        return cls(sglang.Engine(**engine_kwargs(cfg, model_path)), stop)
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int = 1,
+                 max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0) -> list[Sample]:
+        n = n_samples_per_prompt
+        inputs = [list(map(int, p)) for p in prompts for _ in range(n)]
+        params = [{"temperature": temperature, "top_p": top_p,
+                   "max_new_tokens": max_new_tokens, "sampling_seed": seed * 100_003 + i}
+                  for i in range(len(inputs))]
+        outs = self.engine.generate(input_ids=inputs, sampling_params=params,
+                                    return_logprob=True)
+        outs = outs if isinstance(outs, list) else [outs]
+        return [parse_output(o, i // n, prompts[i // n], self.stop_ids, max_new_tokens)
+                for i, o in enumerate(outs)]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.engine.update_weights_from_tensor(named_tensors=list(named_tensors))
+
+    def flush(self) -> None:
+        self.engine.flush_cache()
+
+    def sleep(self) -> None:
+        self.engine.release_memory_occupation(tags=self.offload_tags)
+
+    def wake(self) -> None:
+        self.engine.resume_memory_occupation(tags=self.offload_tags)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

