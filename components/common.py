@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from kubedistill.config import GROUPS, Config
+from kubedistill.config import Config
 from kubedistill.errors import ConfigError
 
 MARKER = "@@kubedistill "
@@ -58,22 +58,12 @@ def _loads(text: str | None, what: str) -> dict[str, Any]:
     return data
 
 
-def apply_mapping(cfg: Config, data: dict[str, Any]) -> None:
-    """Set keys from a flat or group-nested mapping (the recipe format) on ``cfg``."""
-    for key, value in data.items():
-        if key in GROUPS and isinstance(value, dict):
-            for sub, sub_value in value.items():
-                cfg.set(f"{key}.{sub}", sub_value)
-        else:
-            cfg.set(key, value)
-
-
 def build_config(recipe: str, overrides: str = "", work_dir: str = "",
                  pinned: str = "", parent_run_id: str = "") -> Config:
     """The run's Config from recipe YAML text, overrides JSON, work_dir and pinned JSON."""
     cfg = Config()
-    apply_mapping(cfg, _loads(recipe, "recipe YAML"))
-    apply_mapping(cfg, _loads(overrides, "overrides JSON"))
+    cfg.update(_loads(recipe, "recipe YAML"))
+    cfg.update(_loads(overrides, "overrides JSON"))
     if work_dir:
         cfg.storage.work_dir = work_dir
     base = cfg.storage.work_dir.rstrip("/")
@@ -81,7 +71,7 @@ def build_config(recipe: str, overrides: str = "", work_dir: str = "",
         cfg.train.save_path = f"{base}/model"
     if _is_relative_path(cfg.train.ckpt_path):
         cfg.train.ckpt_path = f"{base}/checkpoints"
-    apply_mapping(cfg, _loads(pinned, "pinned JSON"))
+    cfg.update(_loads(pinned, "pinned JSON"))
     if parent_run_id:
         cfg.tracking.parent_run_id = parent_run_id
     return cfg.validate()

@@ -265,6 +265,16 @@ class Config:
         target = getattr(self, group)
         setattr(target, fname, _coerce(value, FIELD_TYPES[fname], key))
 
+    def update(self, mapping: dict[str, Any]) -> Config:
+        """Set keys from a flat or group-nested mapping (the recipe format)."""
+        for key, value in mapping.items():
+            if key in GROUPS and isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    self.set(f"{key}.{sub}", sub_value)
+            else:
+                self.set(key, value)
+        return self
+
     def validate(self, world_size: int | None = None) -> Config:
         """Check combinations that no single field can check; raise ConfigError."""
         _check_choice("on_bad_row", self.data.on_bad_row, ("skip", "fail"))
@@ -413,15 +423,8 @@ def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | No
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe must be a mapping")
         cfg.name = Path(recipe).stem
-        for key, value in data.items():
-            if key in GROUPS and isinstance(value, dict):
-                for sub, sub_value in value.items():
-                    cfg.set(f"{key}.{sub}", sub_value)
-            else:
-                cfg.set(key, value)
-    for key, value in (overrides or {}).items():
-        cfg.set(key, value)
-    return cfg.validate()
+        cfg.update(data)
+    return cfg.update(overrides or {}).validate()
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:

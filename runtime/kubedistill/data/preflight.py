@@ -24,7 +24,6 @@ runs all of the above.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from typing import Any
 from kubedistill.config import Config
 from kubedistill.data.masks import adds_special, template_hash
 from kubedistill.errors import ConfigError
+from kubedistill.models.loading import tokenizer_files_hash
 
 log = logging.getLogger(__name__)
 SAME_VOCAB_ALGORITHMS = ("vanilla_kd",)
@@ -181,25 +181,6 @@ def log_report(report: dict[str, Any]) -> None:
 
 
 # ---- loading the pair ---------------------------------------------------------------------
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
-
-
-def tokenizer_files_hash(model_path: str) -> str:
-    """sha256 over the tokenizer files of a model directory (a .gguf: its name and size)."""
-    h = hashlib.sha256()
-    if os.path.isfile(model_path):
-        h.update(f"{os.path.basename(model_path)}\0{os.path.getsize(model_path)}".encode())
-        return h.hexdigest()
-    for name in TOKENIZER_FILES:
-        path = os.path.join(model_path, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()
-
-
 @dataclass
 class TokenizerPair:
     """The student's tokenizer and, when a teacher takes part, the teacher's.

@@ -13,6 +13,7 @@ Nothing is ever fetched from a model hub: loading runs with ``local_files_only=T
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -90,3 +91,22 @@ def load_causal_lm(ref: str, *, dtype: torch.dtype = torch.float32, device: str 
         directory, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
         attn_implementation=resolve_attn_implementation(attn_implementation, device), **extra)
     return model.to(device).eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files_hash(model_path: str) -> str:
+    """sha256 over the tokenizer files of a model directory (a .gguf: its name and size)."""
+    h = hashlib.sha256()
+    if os.path.isfile(model_path):
+        h.update(f"{os.path.basename(model_path)}\0{os.path.getsize(model_path)}".encode())
+        return h.hexdigest()
+    for name in TOKENIZER_FILES:
+        path = os.path.join(model_path, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()

@@ -26,11 +26,9 @@ from typing import Any
 from kubedistill import storage
 from kubedistill.config import Config
 from kubedistill.models import resolve_model_path
+from kubedistill.models.loading import tokenizer_files_hash
 from kubedistill.shards.manifest import POSITIONS_POLICY
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
 _SAMPLES, _BLOCK = 16, 1 << 16
 
 
@@ -68,13 +66,7 @@ def weights_hash(model_path: str) -> str:
 def tokenizer_hash(model_path: str) -> str:
     if os.path.isfile(model_path):  # a .gguf file carries its tokenizer inside
         return "gguf:" + weights_hash(model_path)
-    h = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = os.path.join(model_path, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                h.update(name.encode() + b"\0" + f.read() + b"\0")
-    return h.hexdigest()
+    return tokenizer_files_hash(model_path)
 
 
 def data_hash(prepared_path: str) -> str:
