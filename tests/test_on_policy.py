@@ -356,3 +356,106 @@ def test_killed_run_resumes_from_the_right_iteration(straight, base, tmp_path, o
     for r in resumed:
         if "train/loss" in r:
             assert r["train/loss"] == pytest.approx(straight_steps[r["step"]], abs=1e-6)
+
+
+def test_two_ranks_follow_the_one_rank_run(straight, base, tmp_path, one_thread):
+    """Rank 0 rolls out and scores; both ranks train on their share of each step with the
+    global loss-token normaliser: the same losses and weights as one rank."""
+    from kubedistill.train.launch import train
+
+    cfg = _config(tmp_path, "two", base, num_gpus_per_node=2, micro_train_batch_size=1)
+    train(cfg)
+    one = {r["step"]: r for r in _log(straight) if "train/loss" in r}
+    two = [r for r in _log(cfg) if "train/loss" in r]
+    assert [r["step"] for r in two] == sorted(one)
+    for r in two:  # the same rollouts (token counts), the same losses up to fp32 rounding
+        assert r["train/loss_tokens"] == one[r["step"]]["train/loss_tokens"]
+        assert r["train/loss"] == pytest.approx(one[r["step"]]["train/loss"], abs=1e-4)
+        assert r["train/grad_norm"] == pytest.approx(one[r["step"]]["train/grad_norm"],
+                                                     rel=2e-3)
+    a, b = _weights(cfg), _weights(straight)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-3  # Adam: lr-scale
+
+
+def test_self_distillation_run_saves_and_resumes_its_teacher(base, tmp_path, one_thread):
+    """Self-distillation with a copy every 2 iterations; theta_T is checkpointed beside
+    the student (pruned with it) and a resumed run loads it."""
+    from safetensors.torch import load_file
+
+    from kubedistill.train.launch import train
+
+    cfg = _config(tmp_path, "self", base, self_distillation=True, teacher_update_freq=2,
+                  teacher_name_or_path=None)
+    train(cfg)
+    iters = [r for r in _log(cfg) if "iteration" in r]
+    assert [r["rollout/teacher_updates"] for r in iters] == [0, 1, 1]
+    files = sorted(f for f in os.listdir(cfg.train.ckpt_path) if f.startswith("teacher_"))
+    assert files == ["teacher_step_00000004.safetensors", "teacher_step_00000006.safetensors"]
+    theta_t = load_file(os.path.join(cfg.train.ckpt_path, files[-1]))
+    # the copy at iteration 2 (step 4) is the student of step 4, not the final one
+    final = _weights(cfg)
+    assert any(not torch.equal(theta_t[k], final[k]) for k in final if k in theta_t)
+    cfg.train.resume = True
+    train(cfg)  # nothing left to train: loads the checkpoint and theta_T, exports again
+    torch.testing.assert_close(_weights(cfg), final, atol=0, rtol=0)
+
+
+def test_on_policy_refuses_what_it_cannot_honour(base, tmp_path):
+    from kubedistill.errors import ConfigError
+    from kubedistill.train.on_policy import check_config
+    from kubedistill.train.trainer import Trainer, trainer_class
+
+    assert trainer_class(_config(tmp_path, "off", base, rollout_num_engines=0)) is Trainer
+    check_config(_config(tmp_path, "ok", base))
+    for over in ({"kd_algorithm": "sft"}, {"kd_ratio": 0.0}, {"kd_algorithm": "dskd"},
+                 {"n_samples_per_prompt": 0}):
+        with pytest.raises(ConfigError):
+            check_config(_config(tmp_path, "bad", base, **over))
+
+
+def test_sglang_outputs_become_samples_without_a_gpu():
+    """The SGLang glue on recorded-shape outputs: requests send token ids (each prompt n
+    times, a seed per sample), outputs keep the sampled ids, a stop token SGLang left out
+    is put back, and weight buckets go through update_weights_from_tensor."""
+    from kubedistill.rollout.sglang import SGLangRolloutEngine, engine_kwargs, parse_output
+
+    def out(ids, kind, matched=None):
+        return {"output_ids": ids, "meta_info": {
+            "finish_reason": {"type": kind, **({"matched": matched} if matched else {})},
+            "output_token_logprobs": [(-0.5, t, None) for t in ids]}}
+
+    s = parse_output(out([5, 6, 2], "stop", 2), 0, [1, 2], {2}, 8)
+    assert (s.response_ids, s.finish_reason, s.logprobs) == ([5, 6, 2], "stop", [-0.5] * 3)
+    s = parse_output(out([5, 6], "stop", 2), 0, [1], {2}, 8)  # stop token trimmed
+    assert s.response_ids == [5, 6, 2] and np.isnan(s.logprobs[-1])
+    s = parse_output(out([5, 6, 7], "length"), 1, [1], {2}, 3)
+    assert (s.response_ids, s.finish_reason, s.prompt_index) == ([5, 6, 7], "length", 1)
+    with pytest.raises(Exception, match="abort"):
+        parse_output(out([5], "abort"), 0, [1], {2}, 3)
+
+    class FakeEngine:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, **kw):
+            self.calls.append(kw)
+            return [out([9, 2], "stop", 2) for _ in kw["input_ids"]]
+
+        def update_weights_from_tensor(self, named_tensors):
+            self.calls.append(named_tensors)
+
+    fake = FakeEngine()
+    engine = SGLangRolloutEngine(fake, {2})
+    samples = engine.generate([[1, 2, 3], [4]], n_samples_per_prompt=2, max_new_tokens=4,
+                              temperature=0.7, top_p=0.9, seed=3)
+    req = fake.calls[0]
+    assert req["input_ids"] == [[1, 2, 3], [1, 2, 3], [4], [4]] and req["return_logprob"]
+    assert {p["temperature"] for p in req["sampling_params"]} == {0.7}
+    assert len({p["sampling_seed"] for p in req["sampling_params"]}) == 4
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
+    engine.load_weights([("w", torch.ones(2))])
+    assert fake.calls[1][0][0] == "w"
+    cfg = Config()
+    cfg.set("enable_sleep", True)
+    kw = engine_kwargs(cfg, "/m")
+    assert kw["skip_tokenizer_init"] and kw["enable_memory_saver"]

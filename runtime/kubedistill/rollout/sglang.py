@@ -68,11 +68,12 @@ def parse_output(out: dict, prompt_index: int, prompt: Sequence[int], stop_ids: 
 
 
 class SGLangRolloutEngine:
-    def __init__(self, engine: Any, stop_ids: set[int], offload_tags: list[str] | None = None):
+    def __init__(self, engine: Any, stop_ids: set[int], offload_tags: list[str] | None = None,
+                 push_device: torch.device | None = None):
         self.engine = engine
         self.stop_ids = stop_ids
         self.offload_tags = offload_tags
-        self.push_device = torch.device("cuda", torch.cuda.current_device())  # CUDA IPC
+        self.push_device = push_device  # where sync puts a bucket before pushing it
 
     @classmethod
     def from_config(cls, cfg, model_path: str) -> SGLangRolloutEngine:
@@ -82,7 +83,9 @@ class SGLangRolloutEngine:
         from kubedistill.teacher.weights import meta_model
 
         stop = stop_token_ids(meta_model(model_path, cfg.model.trust_remote_code))
-        return cls(sglang.Engine(**engine_kwargs(cfg, model_path)), stop)
+        engine = sglang.Engine(**engine_kwargs(cfg, model_path))
+        # buckets on the GPU travel to the engine as CUDA IPC handles, not pickled bytes
+        return cls(engine, stop, push_device=torch.device("cuda", torch.cuda.current_device()))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int = 1,
                  max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,

@@ -68,9 +68,15 @@ class PreparedSplit:
 
 def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
     """The ``split`` of the prepared dataset, or None when the split is absent or empty."""
+    import pyarrow as pa
+
     from kubedistill.data.prepared import load_split
 
-    table = load_split(prepared_path, split)
+    columns = ["id", "input_ids", "loss_mask"]
+    try:  # cross-tokenizer data has the alignment column
+        table = load_split(prepared_path, split, columns=[*columns, "ct_align"])
+    except pa.ArrowInvalid:
+        table = load_split(prepared_path, split, columns=columns)
     if table is None or table.num_rows == 0:
         return None
     ct_align = None

@@ -52,7 +52,7 @@ import torch.distributed as dist
 from kubedistill.algorithms import build_algorithm
 from kubedistill.algorithms.base import Algorithm, MicroBatch
 from kubedistill.config import Config
-from kubedistill.errors import ConfigError
+from kubedistill.errors import ConfigError, KubedistillError
 from kubedistill.rollout.engine import Sample, make_rollout_engine
 from kubedistill.rollout.sync import ema_update, gather_student, push
 from kubedistill.teacher.head import TeacherHead
@@ -77,6 +77,27 @@ log = logging.getLogger(__name__)
 
 def is_on_policy(cfg: Config) -> bool:
     return cfg.rollout.rollout_num_engines > 0
+
+
+CROSS_TOKENIZER = ("simple_ctkd", "dskd")
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse combinations the on-policy loop cannot honour (ConfigError)."""
+    from kubedistill.algorithms import ALGORITHMS
+
+    kd = cfg.kd
+    if not ALGORITHMS.lookup(kd.kd_algorithm).needs_teacher or kd.kd_ratio <= 0:
+        raise ConfigError(f"on-policy training needs a teacher signal: kd_algorithm "
+                          f"'{kd.kd_algorithm}' with kd_ratio {kd.kd_ratio} has none")
+    if kd.kd_algorithm in CROSS_TOKENIZER:
+        raise ConfigError(f"on-policy training trains on the student's sampled token ids and "
+                          f"scores them with the teacher in the same ids; cross-tokenizer "
+                          f"'{kd.kd_algorithm}' is not supported on-policy")
+    if cfg.rollout.n_samples_per_prompt < 1 or cfg.rollout.rollout_batch_size < 1 \
+            or cfg.rollout.generate_max_len < 1:
+        raise ConfigError("rollout_batch_size, n_samples_per_prompt and generate_max_len "
+                          "must be >= 1")
 
 
 @dataclass
@@ -147,6 +168,7 @@ class OnPolicyTrainer(Trainer):
         if cfg.model.lora_rank > 0:
             raise ConfigError("on-policy training with LoRA is not supported yet (the rollout "
                               "engine needs merged weights); set lora_rank 0")
+        check_config(cfg)
         self.tracker = tracker or NullTracker()
         _seed_everything(t.seed)
         self.local_dir = local_work_dir(cfg)
@@ -231,23 +253,25 @@ class OnPolicyTrainer(Trainer):
         self.resume()
         self.tracker.log_params(self.run_params())
         progress = _progress(self.total_steps, self.cursor.global_step, self.env.is_main)
-        self.sync()  # the engine starts from the (resumed) student
-        while self.cursor.global_step < self.total_steps:
-            before = self.cursor.global_step
-            times: dict[str, float] = {}
-            split, teacher, stats = self.rollout(times)
-            self.train_iteration(split, teacher, stats, progress, times)
-            self.sync(times)
-            self.end_iteration(stats, times)
-            every = self.cfg.train.save_steps
-            if every > 0 and self.cursor.global_step // every > before // every:
-                self.save()
-        progress.close()
+        try:
+            self.sync()  # the engine starts from the (resumed) student
+            while self.cursor.global_step < self.total_steps:
+                before = self.cursor.global_step
+                times: dict[str, float] = {}
+                split, teacher, stats = self.rollout(times)
+                self.train_iteration(split, teacher, stats, progress, times)
+                self.sync(times)
+                self.end_iteration(stats, times)
+                every = self.cfg.train.save_steps
+                if every > 0 and self.cursor.global_step // every > before // every:
+                    self.save()
+        finally:
+            progress.close()
+            self.close_engines()  # SGLang engines hold GPU memory and subprocesses
         export_hf(self.module.student, self.student_ref, self.cfg, self.env)
         if self.env.is_main and os.path.exists(self.samples_path):
             self.tracker.log_artifact(self.samples_path, "train")
         self.finish()
-        self.close_engines()
         return self.cfg.train.save_path
 
     # ---- phases ------------------------------------------------------------------------------
@@ -432,13 +456,21 @@ class OnPolicyTrainer(Trainer):
         from kubedistill import storage
 
         if self.self_distill and self.env.is_main:  # theta_T first: latest.json comes last
-            state = {k: v.detach().cpu().contiguous()
-                     for k, v in self.teacher_model.state_dict().items()}
+            state = {k: v.detach().cpu().clone()  # one name per tied tensor
+                     for k, v in self.teacher_model.named_parameters()}
             storage.write_bytes_atomic(self._teacher_file(self.cursor.global_step),
                                        save(state))
         self.checkpointer.save(self.cursor.global_step, self.module, self.optimizer,
                                self.scheduler, asdict(self.cursor),
                                keep_key=self.module.checkpoint_filter)
+        if self.self_distill and self.env.is_main:  # drop theta_T files of pruned steps
+            fs, root = storage.filesystem(self.cfg.train.ckpt_path)
+            for path in fs.ls(root, detail=False):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                step = name[len("teacher_step_"):-len(".safetensors")]
+                if name.startswith("teacher_step_") and not fs.exists(
+                        f"{root.rstrip('/')}/step_{step}"):
+                    fs.rm(path)
 
     def resume(self) -> None:
         if not self.cfg.train.resume:
@@ -457,7 +489,9 @@ class OnPolicyTrainer(Trainer):
 
             if self.env.is_main:
                 state = load(storage.read_bytes(self._teacher_file(self.cursor.global_step)))
-                self.teacher_model.load_state_dict(state, strict=True)
+                bad = self.teacher_model.load_state_dict(state, strict=False).unexpected_keys
+                if bad:
+                    raise KubedistillError(f"teacher checkpoint has unknown weights {bad[:5]}")
                 self._push_teacher()
             self.broadcast_teacher_head()
 
