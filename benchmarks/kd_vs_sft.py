@@ -37,18 +37,23 @@ def main() -> None:
     parser.add_argument("--work_dir", default="/tmp/kubedistill-bench/kd_vs_sft")
     parser.add_argument("--max_samples", type=int, default=192)
     parser.add_argument("--kd_loss_fn", default="kl")
+    parser.add_argument("--kd_ratio", type=float, default=0.5)
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="default: the quickstart recipe's")
     args = parser.parse_args()
     shared = {"work_dir": args.work_dir, "max_samples": args.max_samples,
               "tracking_uri": "none", "eval_task": "none",
               "prepared_path": f"{args.work_dir}/prepared",
               "teacher_cache_path": f"{args.work_dir}/teacher_cache"}
+    if args.learning_rate is not None:
+        shared["learning_rate"] = args.learning_rate
     stage("prepare", shared)
     stage("cache-teacher", shared)
     rows = []
-    for arm, extra in (("kd", {"kd_algorithm": "vanilla_kd", "kd_ratio": 0.5,
+    for arm, extra in (("kd", {"kd_algorithm": "vanilla_kd", "kd_ratio": args.kd_ratio,
                                "kd_loss_fn": args.kd_loss_fn}),
                        ("sft", {"kd_algorithm": "sft"})):
-        arm_dir = f"{args.work_dir}/{arm}"
+        arm_dir = f"{args.work_dir}/{arm}-lr{shared.get('learning_rate', 'recipe')}"
         cfg = {**shared, **extra, "work_dir": arm_dir, "save_path": f"{arm_dir}/model",
                "ckpt_path": f"{arm_dir}/checkpoints", "save_steps": -1}
         seconds = stage("train", cfg)
@@ -59,7 +64,9 @@ def main() -> None:
             steps = json.load(f)["steps"]
         rows.append((arm, steps, metrics["eval_ce"], metrics["eval_kl"],
                      metrics["eval_top1_agreement"], seconds))
-    print(f"\nKD vs SFT, quickstart data, max_samples={args.max_samples}")
+    print(f"\nKD vs SFT, quickstart data, max_samples={args.max_samples}, "
+          f"learning_rate={shared.get('learning_rate', 'recipe')}, kd_ratio={args.kd_ratio}, "
+          f"kd_loss_fn={args.kd_loss_fn}")
     print("| arm | steps | held-out CE | held-out KL(T||S) | top-1 agreement | train s |")
     print("|---|---|---|---|---|---|")
     for arm, steps, ce, kl, top1, seconds in rows:

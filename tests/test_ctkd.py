@@ -107,6 +107,15 @@ def test_simple_ctkd_loads_the_prepared_vocab_map(tmp_path):
     assert algo.state_dict() == {} or all("teacher_head" not in k for k in algo.state_dict())
 
 
+def test_simple_ctkd_without_a_vocab_map_names_the_fix(tmp_path):
+    from kubedistill.errors import ConfigError
+
+    *_, head, _ = inputs()
+    cfg = config(kd_algorithm="simple_ctkd", kd_ratio=0.5, prepared_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="vanilla_kd"):
+        build_algorithm(cfg, head, 8)
+
+
 # ---- dskd ---------------------------------------------------------------------------------
 def dskd(align="eta", dtype=torch.float64, seed=3, **kv):
     kv.setdefault("kd_ratio", 0.5)

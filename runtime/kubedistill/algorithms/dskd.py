@@ -189,7 +189,7 @@ class DSKD(Algorithm):
         if n:
             per_sample = torch.zeros(int(max(s_seg.max(), t_seg.max())) + 1,
                                      dtype=weights.dtype, device=hidden.device)
-            per_sample.index_reduce_(0, s_seg, weights, "amax", include_self=False)
+            per_sample.scatter_reduce_(0, s_seg, weights, "amax", include_self=False)
             w_t = per_sample.index_select(0, t_seg) * t_valid.to(weights.dtype)
         kd_t = (self._teacher_space(att_t @ self.s2t(hidden.to(t_hidden.dtype)), t_hidden)
                 * w_t).sum()

@@ -12,8 +12,14 @@ from kubedistill.losses import fused_kd_loss, get_loss, loss_hparams
 
 def load_vocab_map(config):
     """The prepared data's vocabulary map (``{prepared_path}/vocab_map.safetensors``)."""
-    from kubedistill.crosstok.vocab import VocabMap
+    from kubedistill import storage
+    from kubedistill.crosstok.vocab import VOCAB_MAP_FILE, VocabMap
+    from kubedistill.errors import ConfigError
 
+    if not storage.exists(storage.join(config.prepared_path, VOCAB_MAP_FILE)):
+        raise ConfigError(f"{config.prepared_path} has no {VOCAB_MAP_FILE}: prepare writes it "
+                          "when the teacher's vocabulary differs from the student's (same "
+                          "vocabulary: use vanilla_kd)")
     return VocabMap.load(config.prepared_path)
 
 
