@@ -25,7 +25,7 @@ from kubedistill.crosstok import (
     token_table,
     unflatten_pairs,
 )
-from kubedistill.crosstok.vocab import _byte_decoder
+from kubedistill.crosstok.vocab import byte_decoder
 
 
 class _Added:
@@ -55,7 +55,7 @@ class FakeTokenizer:
 
 
 def _bl(text: str) -> str:  # text -> byte-level BPE token string
-    enc = {b: ch for ch, b in _byte_decoder().items()}
+    enc = {b: ch for ch, b in byte_decoder().items()}
     return "".join(enc[b] for b in text.encode())
 
 

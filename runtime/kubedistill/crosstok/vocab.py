@@ -38,7 +38,7 @@ ROLES = ("bos", "eos", "pad", "eot")
 
 
 @functools.cache
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """The inverse of the byte-level BPE alphabet: printable stand-in char -> byte."""
     keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     mapping, extra = {}, 0
@@ -82,7 +82,7 @@ def token_table(tokenizer: Any) -> TokenTable:
     data = [b""] * size
     special = np.zeros(size, dtype=bool)
     byte_level = is_byte_level(tokenizer)
-    decoder = _byte_decoder()
+    decoder = byte_decoder()
     added = {int(i): tok for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
     special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     special_ids |= {i for i, tok in added.items() if getattr(tok, "special", False)}

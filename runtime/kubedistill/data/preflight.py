@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubedistill.config import Config
+from kubedistill.crosstok.vocab import byte_decoder, is_byte_level
 from kubedistill.data.masks import adds_special, template_hash
 from kubedistill.errors import ConfigError
 from kubedistill.models.loading import tokenizer_files_hash
@@ -77,30 +78,11 @@ def _example(tokenizer: Any) -> str | None:
         return f"<template error: {exc}>"
 
 
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of the byte-level BPE alphabet: printable stand-in char -> byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[chr(b)] = b
-        else:
-            mapping[chr(256 + extra)] = b
-            extra += 1
-    return mapping
-
-
-def _is_byte_level(tokenizer: Any) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and "ByteLevel" in str(backend.decoder)
-
-
 def normalised_vocab(tokenizer: Any) -> set[str]:
     """The token strings as the text they stand for (see the module docstring)."""
     out = set()
-    byte_level = _is_byte_level(tokenizer)
-    decoder = _byte_decoder()
+    byte_level = is_byte_level(tokenizer)
+    decoder = byte_decoder()
     for token in tokenizer.get_vocab():
         if byte_level and all(ch in decoder for ch in token):
             text = bytes(decoder[ch] for ch in token).decode("utf-8", errors="replace")

@@ -31,6 +31,7 @@ import torch
 
 from kubedistill.errors import KubedistillError
 from kubedistill.rollout.engine import Sample, finish
+from kubedistill.teacher.sglang import SGLangLifecycle
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def parse_output(out: dict, prompt_index: int, prompt: Sequence[int], stop_ids: 
     return Sample(prompt_index, [int(t) for t in prompt], response, kind, lps)
 
 
-class SGLangRolloutEngine:
+class SGLangRolloutEngine(SGLangLifecycle):
     def __init__(self, engine: Any, stop_ids: set[int], offload_tags: list[str] | None = None,
                  push_device: torch.device | None = None):
         self.engine = engine
@@ -107,13 +108,3 @@ class SGLangRolloutEngine:
     def flush(self) -> None:
         self.engine.flush_cache()
 
-    def sleep(self) -> None:
-        self.engine.release_memory_occupation(tags=self.offload_tags)
-
-    def wake(self) -> None:
-        self.engine.resume_memory_occupation(tags=self.offload_tags)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None

@@ -66,7 +66,26 @@ def prefill_states(hidden: Any, n_tokens: int, hidden_size: int) -> torch.Tensor
     return states[:n_tokens]
 
 
-class SGLangTeacherEngine:
+class SGLangLifecycle:
+    """Memory release/resume (colocation) and shutdown of an in-process ``sglang.Engine``
+    held as ``self.engine``, with ``self.offload_tags`` naming what to release."""
+
+    engine: Any
+    offload_tags: list[str] | None
+
+    def sleep(self) -> None:
+        self.engine.release_memory_occupation(tags=self.offload_tags)
+
+    def wake(self) -> None:
+        self.engine.resume_memory_occupation(tags=self.offload_tags)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+class SGLangTeacherEngine(SGLangLifecycle):
     def __init__(self, engine: Any, hidden_size: int, head: TeacherHead,
                  final_norm: torch.nn.Module | None, offload_tags: list[str] | None):
         self.engine = engine
@@ -142,13 +161,3 @@ class SGLangTeacherEngine:
             result[i] = self.final_norm(states) if self.apply_norm else states
         return result
 
-    def sleep(self) -> None:
-        self.engine.release_memory_occupation(tags=self.offload_tags)
-
-    def wake(self) -> None:
-        self.engine.resume_memory_occupation(tags=self.offload_tags)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None

@@ -472,15 +472,7 @@ class OnPolicyTrainer(Trainer):
                         f"{root.rstrip('/')}/step_{step}"):
                     fs.rm(path)
 
-    def resume(self) -> None:
-        if not self.cfg.train.resume:
-            return
-        cursor = self.checkpointer.load(self.module, self.optimizer, self.scheduler,
-                                        keep_key=self.module.checkpoint_filter)
-        if cursor is None:
-            log.info("resume: no checkpoint under %s; starting from iteration 0",
-                     self.cfg.train.ckpt_path)
-            return
+    def restore(self, cursor: dict) -> None:
         self.cursor = OnPolicyCursor(**cursor)
         if self.self_distill:
             from safetensors.torch import load

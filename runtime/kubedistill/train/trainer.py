@@ -212,10 +212,14 @@ class Trainer:
         cursor = self.checkpointer.load(self.module, self.optimizer, self.scheduler,
                                         keep_key=self.module.checkpoint_filter)
         if cursor is None:
-            log.info("resume: no checkpoint under %s; starting from step 0",
+            log.info("resume: no checkpoint under %s; starting from the beginning",
                      self.cfg.train.ckpt_path)
         else:
-            self.cursor = Cursor(**cursor)
+            self.restore(cursor)
+
+    def restore(self, cursor: dict) -> None:
+        """Adopt the cursor of a loaded checkpoint (subclasses restore their own state)."""
+        self.cursor = Cursor(**cursor)
 
     def save(self) -> None:
         self.checkpointer.save(self.cursor.global_step, self.module, self.optimizer,
