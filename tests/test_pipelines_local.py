@@ -132,3 +132,41 @@ def test_off_policy_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_model_di
     assert json.loads(artifact.read_text())["shards"] == cache["shards"]
     assert f"mlflow ui --backend-store-uri sqlite:///{work}/mlflow.db" in text
     assert (work / "pipeline.log").stat().st_size > 0
+
+
+def test_on_policy_pipeline_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_model_dir,
+                                                      tiny_teacher_dir):
+    """on_policy_kd under kfp.local: prepare -> on-policy train (hf rollout + live hf
+    teacher, no cache) -> evaluate -> register -> promote, on tiny models."""
+    work = tmp_path / "run"
+    recipe = _recipe(tmp_path, {
+        "model": {"teacher_name_or_path": tiny_teacher_dir,
+                  "student_name_or_path": tiny_model_dir, "attn_implementation": "sdpa"},
+        "data": {"train_dataset_path": "packaged:gsm8k-train",
+                 "eval_dataset_path": "packaged:gsm8k-eval", "input_key": "question",
+                 "output_key": "answer", "label_key": "label", "max_len": 256,
+                 "prompt_max_len": 192, "max_samples": 8, "eval_max_samples": 2},
+        "train": {"num_gpus_per_node": 1, "device": "cpu", "train_batch_size": 4,
+                  "micro_train_batch_size": 2, "learning_rate": 1e-3},
+        "kd": {"kd_loss_fn": "rkl", "kd_ratio": 1.0},
+        "rollout": {"rollout_num_engines": 1, "rollout_batch_size": 4,
+                    "generate_max_len": 6, "print_rollout_sample": 2},
+        "eval": {"eval_task": "gsm8k", "eval_num_generations": 1, "eval_max_new_tokens": 4},
+        "tracking": {"experiment_name": "e2e-on-policy",
+                     "registered_model_name": "tiny-on-policy"},
+        "storage": {"work_dir": str(work)},
+    })
+    out = io.StringIO()
+    ok, _ = run(recipe, pipeline="on_policy_kd", out=out)
+    text = out.getvalue()
+    assert ok, text
+    progress = _progress(text)
+    for stage in ("prepare", "train", "evaluate", "register", "promote"):
+        assert progress[stage] == ["started", "done"], (stage, text)
+    assert "cache-teacher" not in progress
+    samples = (work / "train" / "rollout_samples.jsonl").read_text().splitlines()
+    assert samples and all(json.loads(s)["response_len"] <= 6 for s in samples)
+    assert list((work / "model").glob("*.safetensors"))
+    reg = json.loads((work / "registry" / "registration.json").read_text())
+    assert reg["name"] == "tiny-on-policy"
+    assert json.loads((work / "registry" / "promotion.json").read_text())["promoted"] is True
