@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from kubedistill.algorithms import build_algorithm
 from kubedistill.algorithms.base import Algorithm, MicroBatch
 from kubedistill.config import Config
 from kubedistill.errors import ConfigError, KubedistillError
@@ -58,9 +57,8 @@ from kubedistill.rollout.sync import ema_update, gather_student, push
 from kubedistill.teacher.head import TeacherHead
 from kubedistill.tracking.base import NullTracker, Tracker
 from kubedistill.train import data
-from kubedistill.train.checkpoint import Checkpointer
 from kubedistill.train.export import export_hf
-from kubedistill.train.fsdp import DistEnv, build_mesh, mixed_precision, shard
+from kubedistill.train.fsdp import DistEnv
 from kubedistill.train.launch import local_work_dir
 from kubedistill.train.on_policy_data import (
     load_prompts,
@@ -68,8 +66,7 @@ from kubedistill.train.on_policy_data import (
     rollout_teacher,
     teacher_request,
 )
-from kubedistill.train.optim import build_optimizer, build_scheduler
-from kubedistill.train.student import DistillModule, load_student, materialize, resolve_student
+from kubedistill.train.student import resolve_student
 from kubedistill.train.trainer import Trainer, _progress, _seed_everything
 
 log = logging.getLogger(__name__)
@@ -187,26 +184,10 @@ class OnPolicyTrainer(Trainer):
 
         self.teacher_path = resolve_model_path(self.teacher_ref, cfg.storage.model_cache_dir)
         head = TeacherHead.from_pretrained(self.teacher_path, cfg.model.trust_remote_code)
-        student, full_state = load_student(self.student_ref, cfg, env)
-        inner = build_algorithm(cfg, head, student.config.hidden_size)
-        self.module = DistillModule(student, WithDiagnostics(inner, t.chunked_loss_size))
-        shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
-              mixed_precision(env, t.bf16))
-        materialize(student, full_state, env)
-        self.optimizer = build_optimizer(self.module, inner.param_groups(),
-                                         lr=t.learning_rate, weight_decay=t.weight_decay,
-                                         betas=t.adam_betas)
+        self.build_student(head, lambda inner: WithDiagnostics(inner, t.chunked_loss_size))
         self.iters_per_epoch = data.steps_per_epoch(len(self.prompts), r.rollout_batch_size)
-        self.steps_per_epoch = sum(self.steps_in_iteration(k)
-                                   for k in range(self.iters_per_epoch))
-        total = self.steps_per_epoch * t.num_epochs
-        self.total_steps = min(total, t.max_steps) if t.max_steps > 0 else total
-        self.scheduler = build_scheduler(self.optimizer, kind=t.lr_scheduler,
-                                         total_steps=self.total_steps,
-                                         warmup_ratio=t.lr_warmup_ratio, lr=t.learning_rate,
-                                         min_lr=t.min_lr)
-        self.checkpointer = Checkpointer(t.ckpt_path, env)
-        self.pad_id = student.config.pad_token_id or 0
+        self.build_schedule(sum(self.steps_in_iteration(k)
+                                for k in range(self.iters_per_epoch)))
         self.cursor = OnPolicyCursor()
         self.log_path = os.path.join(self.local_dir, "train", "train_log.jsonl")
         self.samples_path = os.path.join(self.local_dir, "train", "rollout_samples.jsonl")

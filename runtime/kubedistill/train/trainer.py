@@ -63,33 +63,46 @@ class Trainer:
             raise DataError(f"no '{cfg.data.train_split}' split in {cfg.prepared_path}")
         self.eval_split = data.load_prepared(cfg.prepared_path, cfg.data.eval_split)
         teacher, head = _open_teacher(cfg)
+        self.build_student(head)
+        self.build_schedule(data.steps_per_epoch(len(self.train_split), t.train_batch_size))
+        self.train_batches = data.BatchBuilder(self.train_split, pad_id=self.pad_id,
+                                               packing=cfg.data.packing_samples, teacher=teacher)
+        self.eval_batches = None if self.eval_split is None else data.BatchBuilder(
+            self.eval_split, pad_id=self.pad_id, packing=cfg.data.packing_samples,
+            teacher=teacher)
+        self.cursor = Cursor()
+        self.log_path = os.path.join(self.local_dir, "train", "train_log.jsonl")
+        self.last: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def build_student(self, head, wrap=lambda algorithm: algorithm):
+        """Load the student, build the algorithm (``wrap`` may decorate it), shard both as
+        one FSDP2 root, and build the optimizer; returns the algorithm."""
+        cfg, env, t = self.cfg, self.env, self.cfg.train
         student, full_state = load_student(self.student_ref, cfg, env)
         algorithm = build_algorithm(cfg, head, student.config.hidden_size)
-        self.module = DistillModule(student, algorithm)
+        self.module = DistillModule(student, wrap(algorithm))
         shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
               mixed_precision(env, t.bf16))
         materialize(student, full_state, env)
         self.optimizer = build_optimizer(self.module, algorithm.param_groups(),
                                          lr=t.learning_rate, weight_decay=t.weight_decay,
                                          betas=t.adam_betas)
-        self.steps_per_epoch = data.steps_per_epoch(len(self.train_split), t.train_batch_size)
-        total = self.steps_per_epoch * t.num_epochs
+        self.pad_id = student.config.pad_token_id or 0
+        return algorithm
+
+    def build_schedule(self, steps_per_epoch: int) -> None:
+        """Total steps (epochs, ``max_steps``), the lr schedule and the checkpointer."""
+        t = self.cfg.train
+        self.steps_per_epoch = steps_per_epoch
+        total = steps_per_epoch * t.num_epochs
         self.total_steps = min(total, t.max_steps) if t.max_steps > 0 else total
         self.scheduler = build_scheduler(self.optimizer, kind=t.lr_scheduler,
                                          total_steps=self.total_steps,
                                          warmup_ratio=t.lr_warmup_ratio, lr=t.learning_rate,
                                          min_lr=t.min_lr)
-        self.checkpointer = Checkpointer(t.ckpt_path, env)
-        pad_id = student.config.pad_token_id or 0
-        self.train_batches = data.BatchBuilder(self.train_split, pad_id=pad_id,
-                                               packing=cfg.data.packing_samples, teacher=teacher)
-        self.eval_batches = None if self.eval_split is None else data.BatchBuilder(
-            self.eval_split, pad_id=pad_id, packing=cfg.data.packing_samples, teacher=teacher)
-        self.cursor = Cursor()
-        self.log_path = os.path.join(self.local_dir, "train", "train_log.jsonl")
-        self.last: dict[str, float] = {}
-        self.last_eval: dict[str, float] = {}
-        self.started = time.perf_counter()
+        self.checkpointer = Checkpointer(t.ckpt_path, self.env)
 
     # ---- the table of contents -----------------------------------------------------------
     def fit(self) -> str:
