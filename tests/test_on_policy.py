@@ -20,6 +20,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _procs import descendants
 
 from kubedistill.config import Config
 from kubedistill.rollout.engine import Sample, finish
@@ -298,24 +299,6 @@ def test_torchrun_on_policy_run(straight):
     assert len(table) == 6 and {"prompt", "response", "finish_reason"} <= set(table[0])
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def test_killed_run_resumes_from_the_right_iteration(straight, base, tmp_path, one_thread):
     from kubedistill.train.launch import torchrun_command, train
 
@@ -332,7 +315,7 @@ def test_killed_run_resumes_from_the_right_iteration(straight, base, tmp_path, o
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
     finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:
+        for pid in [proc.pid, *descendants(proc.pid)]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

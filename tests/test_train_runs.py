@@ -21,6 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from _procs import descendants
 from safetensors.torch import load_file
 
 from kubedistill.config import Config
@@ -207,24 +208,6 @@ def test_first_step_matches_a_plain_pytorch_step(runs, prepared, teacher_cache):
     assert first["train/loss_tokens"] == batch.num_loss_tokens
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def test_sigkilled_run_resumes_to_the_same_weights(runs):
     cfg = runs.config("killed")
     config_file = os.path.join(cfg.storage.work_dir, "train", "config.yaml")
@@ -239,7 +222,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(runs):
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
     finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and its workers
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and its workers
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
