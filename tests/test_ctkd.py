@@ -221,7 +221,7 @@ def test_dskd_state_dict_round_trip(tmp_path):
     torch.save(algo.state_dict(), tmp_path / "algo.pt")
     fresh, *_ = dskd("eta", dtype=torch.float32, seed=99)
     before = fresh(batch, hidden, weight, normalizer=12.0)["loss"]
-    fresh.load_state_dict(torch.load(tmp_path / "algo.pt"))
+    fresh.load_state_dict(torch.load(tmp_path / "algo.pt", weights_only=True))
     after = fresh(batch, hidden, weight, normalizer=12.0)["loss"]
     expect = algo(batch, hidden, weight, normalizer=12.0)["loss"]
     assert not torch.equal(before, expect)

@@ -130,7 +130,7 @@ def test_dskd_two_ranks_checkpoint_and_resume(prepared, base, tmp_path):
         latest = json.load(f)
     dcp_to_torch_save(os.path.join(wd / "ck", os.path.basename(latest["dir"])),
                       tmp_path / "step2.pt")
-    state = torch.load(tmp_path / "step2.pt", weights_only=False)
+    state = torch.load(tmp_path / "step2.pt", weights_only=True)
     model = state["model"]
     keys = [k for k in model if "algorithm." in k]
     assert {k.split("algorithm.")[1].split(".")[0] for k in keys} == {"s2t", "t2s", "query",

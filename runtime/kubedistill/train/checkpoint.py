@@ -40,8 +40,12 @@ KEEP = 2
 
 
 def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain Python values only, so that checkpoints load with
+    ``torch.load(weights_only=True)`` (numpy's key array is stored as a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": np.random.get_state()}
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                       int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -50,7 +54,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -107,7 +112,7 @@ class Checkpointer:
         if not storage.exists(mine):  # fewer ranks saved than now run: reuse rank 0's RNG
             log.warning("%s: no state for rank %d; using rank 0's", where, self.env.rank)
             mine = storage.join(where, "rank_00000.pt")
-        extra = torch.load(io.BytesIO(storage.read_bytes(mine)), weights_only=False)
+        extra = torch.load(io.BytesIO(storage.read_bytes(mine)), weights_only=True)
         scheduler.load_state_dict(extra["scheduler"])
         set_rng_state(extra["rng"])
         log.info("resumed from %s (step %s)", where, extra["cursor"]["global_step"])
