@@ -18,7 +18,7 @@ import os
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-DEFAULT_IMAGE = "ghcr.io/kubedistill/runtime:0.1.0"
+DEFAULT_IMAGE = "kubedistill/runtime:0.1.0"
 IMAGE = os.environ.get("KUBEDISTILL_IMAGE", DEFAULT_IMAGE)
 
 
