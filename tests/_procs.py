@@ -1,6 +1,10 @@
 """Process helpers for the tests that kill a torchrun run part-way."""
 
+import json
 import os
+import signal
+import subprocess
+import time
 
 
 def descendants(pid: int) -> list[int]:
@@ -20,3 +24,31 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def kill_at_first_checkpoint(cfg, timeout_s: float = 240) -> int:
+    """Start ``cfg``'s torchrun run, SIGKILL it and all its workers as soon as its first
+    checkpoint is committed (``latest.json``); return the step that checkpoint holds."""
+    from kubedistill.train.launch import torchrun_command
+
+    config_file = os.path.join(cfg.storage.work_dir, "train", "config.yaml")
+    os.makedirs(os.path.dirname(config_file), exist_ok=True)
+    with open(config_file, "w") as f:
+        f.write(cfg.to_yaml())
+    proc = subprocess.Popen(torchrun_command(cfg, config_file), start_new_session=True)
+    latest = os.path.join(cfg.train.ckpt_path, "latest.json")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not os.path.exists(latest) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+    finally:
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and its workers
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    with open(latest) as f:
+        return json.load(f)["step"]

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
-from _procs import descendants
+from _procs import kill_at_first_checkpoint
 
 from kubedistill.config import Config
 from kubedistill.rollout.engine import Sample, finish
@@ -300,30 +297,10 @@ def test_torchrun_on_policy_run(straight):
 
 
 def test_killed_run_resumes_from_the_right_iteration(straight, base, tmp_path, one_thread):
-    from kubedistill.train.launch import torchrun_command, train
+    from kubedistill.train.launch import train
 
     cfg = _config(tmp_path, "killed", base)
-    config_file = os.path.join(cfg.storage.work_dir, "train", "config.yaml")
-    os.makedirs(os.path.dirname(config_file), exist_ok=True)
-    with open(config_file, "w") as f:
-        f.write(cfg.to_yaml())
-    proc = subprocess.Popen(torchrun_command(cfg, config_file), start_new_session=True)
-    latest = os.path.join(cfg.train.ckpt_path, "latest.json")
-    deadline = time.monotonic() + 240
-    try:
-        while not os.path.exists(latest) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-    finally:
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    with open(latest) as f:
-        saved_step = json.load(f)["step"]
+    saved_step = kill_at_first_checkpoint(cfg)
     assert saved_step in (2, 4)
     before = len(_log(cfg))
 

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
-from _procs import descendants
+from _procs import kill_at_first_checkpoint
 from safetensors.torch import load_file
 
 from kubedistill.config import Config
-from kubedistill.train.launch import torchrun_command, train
+from kubedistill.train.launch import train
 
 N_TRAIN, N_EVAL, GBS = 21, 5, 4
 STEPS = -(-N_TRAIN // GBS)  # 6; the last step holds 1 sample: one of 2 ranks has none
@@ -210,27 +207,7 @@ def test_first_step_matches_a_plain_pytorch_step(runs, prepared, teacher_cache):
 
 def test_sigkilled_run_resumes_to_the_same_weights(runs):
     cfg = runs.config("killed")
-    config_file = os.path.join(cfg.storage.work_dir, "train", "config.yaml")
-    os.makedirs(os.path.dirname(config_file), exist_ok=True)
-    with open(config_file, "w") as f:
-        f.write(cfg.to_yaml())
-    proc = subprocess.Popen(torchrun_command(cfg, config_file), start_new_session=True)
-    latest = os.path.join(cfg.train.ckpt_path, "latest.json")
-    deadline = time.monotonic() + 240
-    try:
-        while not os.path.exists(latest) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-    finally:
-        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and its workers
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    with open(latest) as f:
-        assert json.load(f)["step"] == 2
+    assert kill_at_first_checkpoint(cfg) == 2
     assert not os.path.exists(os.path.join(cfg.train.save_path, "train_summary.json"))
 
     cfg.train.resume = True

@@ -324,20 +324,11 @@ class OnPolicyTrainer(Trainer):
             kl += metrics.pop("train/kl_ts", 0.0) * n
             top1 += metrics.pop("train/top1", 0.0) * n
             tokens += n
-            self.advance_step(metrics)
+            self.count_step(metrics)
             self.log(metrics, progress)
         stats["onpolicy/kl"] = kl / max(tokens, 1.0)
         stats["onpolicy/top1_agree"] = top1 / max(tokens, 1.0)
         times["train"] = time.perf_counter() - start
-
-    def advance_step(self, metrics: dict[str, float]) -> None:
-        c = self.cursor
-        c.global_step += 1
-        c.samples += int(metrics["train/samples"])
-        c.tokens += int(metrics["train/tokens"])
-        c.loss_tokens += int(metrics["train/loss_tokens"])
-        c.elapsed_s += metrics["train/step_time_s"]
-        self.last = metrics
 
     def sync(self, times: dict[str, float] | None = None) -> None:
         """Student -> rollout engine (and the self-distillation teacher); all ranks call."""

@@ -204,15 +204,20 @@ class Trainer:
         return self.last_eval
 
     def advance(self, plan: data.StepPlan, metrics: dict[str, float]) -> None:
+        self.count_step(metrics)
+        c = self.cursor
+        c.step_in_epoch = plan.step_in_epoch + 1
+        if c.step_in_epoch >= self.steps_per_epoch:
+            c.epoch, c.step_in_epoch = plan.epoch + 1, 0
+
+    def count_step(self, metrics: dict[str, float]) -> None:
+        """Add one finished optimizer step's counts to the cursor."""
         c = self.cursor
         c.global_step += 1
         c.samples += int(metrics["train/samples"])
         c.tokens += int(metrics["train/tokens"])
         c.loss_tokens += int(metrics["train/loss_tokens"])
         c.elapsed_s += metrics["train/step_time_s"]
-        c.step_in_epoch = plan.step_in_epoch + 1
-        if c.step_in_epoch >= self.steps_per_epoch:
-            c.epoch, c.step_in_epoch = plan.epoch + 1, 0
         self.last = metrics
 
     def due(self, every: int) -> bool:
