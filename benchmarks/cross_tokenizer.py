@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -127,6 +128,7 @@ def main() -> None:
     tag = os.path.basename(os.path.normpath(student))
     for algo in args.algorithms.split(","):
         run = os.path.join(work, f"run_{tag}_{algo}")
+        shutil.rmtree(run, ignore_errors=True)  # a fresh run (no resume from an older one)
         cfg = make(dict(base, kd_algorithm=algo, work_dir=run, save_path=os.path.join(run, "model"),
                         ckpt_path=os.path.join(run, "ckpt")))
         t0 = time.perf_counter()

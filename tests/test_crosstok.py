@@ -18,8 +18,9 @@ import torch
 from kubedistill.crosstok import (
     TokenTable,
     VocabMap,
-    align_batch,
+    align_continuation,
     align_pairs,
+    align_rollouts,
     build_vocab_map,
     flatten_pairs,
     token_table,
@@ -139,14 +140,17 @@ def test_align_pairs_different_prefix_uses_matching_text():
     assert pairs.tolist() == [[0, 0], [2, 2], [4, 3]]
 
 
-def test_align_batch_strips_padding_and_flattens():
-    s = _table(["ab", "c", "<pad>"])
-    t = _table(["a", "bc", "<pad>"])
-    out = align_batch(torch.tensor([[0, 1, 2, 2], [0, 1, 1, 2]]), [[0, 1, 2], [0, 1, 1, 1]], s, t,
-                      student_pad=2, teacher_pad=2)
-    assert out[0].tolist() == [[1, 1]]
-    assert out[1].tolist() == [[1, 1], [2, 2]]
-    assert unflatten_pairs(flatten_pairs(out[1])).tolist() == out[1].tolist()
+def test_align_continuation_pairs_the_prompt_end_and_response_offsets():
+    s = _table(["SYS-A|", "ab", "c", "de", "f"])
+    t = _table(["SYSTEM-B|", "X", "a", "bc", "d", "ef"])
+    # student: prompt [0], response "ab|c|de|f"; teacher: prompt [0, 1], response "a|bc|d|ef"
+    pairs = align_continuation(1, [1, 2, 3, 4], 2, [2, 3, 4, 5], s, t)
+    # (0, 1): both prompts' last tokens predict the first response token; (2, 3): "abc"
+    # ends both contexts; "abcdef" (the last tokens) predicts nothing and is left out
+    assert pairs.tolist() == [[0, 1], [2, 3]]
+    out = align_rollouts([1, 1], [[1, 2, 3, 4], []], [2, 2], [[2, 3, 4, 5], [2]], s, t)
+    assert out[0].tolist() == pairs.tolist() and out[1].shape == (0, 2)
+    assert unflatten_pairs(flatten_pairs(pairs)).tolist() == pairs.tolist()
     assert unflatten_pairs(None).shape == (0, 2)
 
 
@@ -245,3 +249,40 @@ def _response_mask(tok, chat, ids):
     n = len(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     assert list(ids[:n]) == list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     return [0] * n + [1] * (len(ids) - n)
+
+
+def test_real_bridge_retokenizes_rollouts_for_the_teacher(real_pair, texts):
+    """Student-sampled responses (here: the student's tokenization of GSM8K answers, stop
+    token included, and the same cut mid-way as a truncated sample) re-tokenized for the
+    teacher decode to the same text; every aligned pair of prompt + response sequences
+    predicts from the same text on both sides."""
+    from kubedistill.crosstok import TokenizerBridge
+
+    s, t = real_pair
+    bridge = TokenizerBridge(s, t, build_vocab_map(s, t))
+    eos_s, eos_t = s.convert_tokens_to_ids("<|im_end|>"), t.convert_tokens_to_ids("<|im_end|>")
+    aligned = total = 0
+    for k, row in enumerate(texts[:40]):
+        chat = [{"role": "user", "content": row["question"]}]
+        sp = list(s.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"])
+        tp = list(t.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"])
+        response = _ids(s, text=row["answer"]) + [eos_s]
+        if k % 2:  # a truncated sample: no stop token, cut anywhere
+            response = response[:len(response) // 2]
+        t_resp = bridge.retokenize(response)
+        assert t.decode(t_resp) == s.decode(response)
+        assert (t_resp[-1] == eos_t) == (k % 2 == 0)
+        pairs = bridge.align(len(sp), response, len(tp), t_resp)
+        assert pairs[0].tolist() == [len(sp) - 1, len(tp) - 1]
+        s_seq, t_seq = sp + response, tp + t_resp
+        for p, q in pairs[1:]:
+            assert s.decode(s_seq[len(sp):p + 1]) == t.decode(t_seq[len(tp):q + 1])
+        assert all(len(sp) - 1 <= p < len(s_seq) - 1 for p in pairs[:, 0])
+        assert all(len(tp) - 1 <= q < len(t_seq) - 1 for q in pairs[:, 1])
+        aligned += len(pairs)
+        total += len(response)
+    print(f"\non-policy bridge: {aligned}/{total} student response targets aligned "
+          f"({aligned / total:.3f})")
+    assert aligned / total > 0.6

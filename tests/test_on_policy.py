@@ -130,9 +130,10 @@ def test_truncated_sample_has_no_eos_and_mask_covers_the_sampled_tokens():
     assert sample_arrays(stop) == ([11, 12, 31, 2], [0, 0, 1, 1])
     split = rollout_split(["a", "b"], [trunc, stop])
     assert split.loss_tokens.tolist() == [4, 2]
-    seq, pos = teacher_request(trunc, [7, 8, 11, 12, 13])
-    assert seq == [7, 8, 11, 12, 13, 21, 22, 23, 24] and pos == [4, 5, 6, 7]
-    assert [seq[p + 1] for p in pos] == trunc.response_ids
+    req = teacher_request(trunc, [7, 8, 11, 12, 13])
+    assert req.tokens == [7, 8, 11, 12, 13, 21, 22, 23, 24] and req.positions == [4, 5, 6, 7]
+    assert [req.tokens[p + 1] for p in req.positions] == trunc.response_ids
+    assert req.keys == [2, 3, 4, 5] and req.pairs is None  # filed under the student's positions
 
 
 def test_prompts_over_max_len_are_reported_not_cut(prepared):
@@ -367,8 +368,7 @@ def test_on_policy_refuses_what_it_cannot_honour(base, tmp_path):
 
     assert trainer_class(_config(tmp_path, "off", base, rollout_num_engines=0)) is Trainer
     check_config(_config(tmp_path, "ok", base))
-    for over in ({"kd_algorithm": "sft"}, {"kd_ratio": 0.0}, {"kd_algorithm": "dskd"},
-                 {"n_samples_per_prompt": 0}):
+    for over in ({"kd_algorithm": "sft"}, {"kd_ratio": 0.0}, {"n_samples_per_prompt": 0}):
         with pytest.raises(ConfigError):
             check_config(_config(tmp_path, "bad", base, **over))
 

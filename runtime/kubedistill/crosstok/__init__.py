@@ -2,7 +2,14 @@
 (:mod:`~kubedistill.crosstok.vocab`) and the alignment of their tokenizations of the same
 text by byte offsets (:mod:`~kubedistill.crosstok.align`)."""
 
-from kubedistill.crosstok.align import align_batch, align_pairs, flatten_pairs, unflatten_pairs
+from kubedistill.crosstok.align import (
+                                        align_continuation,
+                                        align_pairs,
+                                        align_rollouts,
+                                        flatten_pairs,
+                                        unflatten_pairs,
+)
+from kubedistill.crosstok.bridge import TokenizerBridge
 from kubedistill.crosstok.vocab import (
                                         VOCAB_MAP_FILE,
                                         TokenTable,
@@ -12,6 +19,6 @@ from kubedistill.crosstok.vocab import (
                                         vocab_map_hash,
 )
 
-__all__ = ["VOCAB_MAP_FILE", "TokenTable", "VocabMap", "align_batch", "align_pairs",
-           "build_vocab_map", "flatten_pairs", "token_table", "unflatten_pairs",
-           "vocab_map_hash"]
+__all__ = ["VOCAB_MAP_FILE", "TokenTable", "TokenizerBridge", "VocabMap", "align_continuation",
+           "align_pairs", "align_rollouts", "build_vocab_map", "flatten_pairs", "token_table",
+           "unflatten_pairs", "vocab_map_hash"]

@@ -16,7 +16,7 @@ With masks, only positions that predict a target are kept: ``p`` with ``mask[p+1
 (the prepared ``loss_mask`` convention) and likewise ``q`` with ``teacher_mask[q+1] == 1``.
 The result is an int array ``[M, 2]`` of ``(student_pos, teacher_pos)``, both ascending.
 ``prepare`` stores it flattened (``s0, t0, s1, t1, ...``) as the ``ct_align`` column; for
-on-policy rollouts :func:`align_batch` aligns a batch of token-id sequences.
+on-policy rollouts :func:`align_rollouts` aligns a batch of sampled responses.
 """
 
 from __future__ import annotations
@@ -89,26 +89,37 @@ def _char_boundary(text: bytes, ends: np.ndarray) -> np.ndarray:
     return (data[ends] & 0xC0) != 0x80
 
 
-def align_batch(student_ids, teacher_ids, student: TokenTable, teacher: TokenTable,
-                student_mask=None, teacher_mask=None, student_pad: int | None = None,
-                teacher_pad: int | None = None) -> list[np.ndarray]:
-    """:func:`align_pairs` for each row of a batch (lists of id lists, or [B, T] tensors /
-    arrays; trailing ``*_pad`` ids are stripped, as are masks' padded tails)."""
-    out = []
-    for b in range(len(student_ids)):
-        s, t = _row(student_ids[b], student_pad), _row(teacher_ids[b], teacher_pad)
-        sm = None if student_mask is None else _row(student_mask[b], None)[:len(s)]
-        tm = None if teacher_mask is None else _row(teacher_mask[b], None)[:len(t)]
-        out.append(align_pairs(s, t, student, teacher, sm, tm))
-    return out
+def align_continuation(student_prompt_len: int, student_response: Sequence[int],
+                       teacher_prompt_len: int, teacher_response: Sequence[int],
+                       student: TokenTable, teacher: TokenTable) -> np.ndarray:
+    """Pairs for a sampled continuation (on-policy): both prompts END at the same point of
+    the conversation (the start of the response, right after each chat template's
+    assistant header) and the two responses tokenize the same text.
+
+    With ``P = student_prompt_len``, ``Q = teacher_prompt_len``, ``n`` / ``m`` the response
+    lengths, the ``[M, 2]`` (student_pos, teacher_pos) pairs over the full sequences are
+    ``(P - 1, Q - 1)`` (both predict the first response token) and ``(P + i, Q + j)`` for
+    response tokens ``i < n - 1`` and ``j < m - 1`` that end at the same offset of the
+    response text (:func:`align_pairs` on the responses alone, so the prompts' different
+    texts cost nothing). Only positions that predict a response token appear.
+    """
+    n, m = len(student_response), len(teacher_response)
+    if not (student_prompt_len and teacher_prompt_len and n and m):
+        return np.zeros((0, 2), dtype=np.int64)
+    inner = align_pairs(student_response, teacher_response, student, teacher)
+    inner = inner[(inner[:, 0] < n - 1) & (inner[:, 1] < m - 1)]
+    first = np.array([[student_prompt_len - 1, teacher_prompt_len - 1]], dtype=np.int64)
+    return np.concatenate([first, inner + first + 1]).astype(np.int64)
 
 
-def _row(x, pad: int | None) -> list[int]:
-    row = x.tolist() if hasattr(x, "tolist") else list(x)
-    if pad is not None:
-        while row and row[-1] == pad:
-            row.pop()
-    return [int(v) for v in row]
+def align_rollouts(student_prompt_lens: Sequence[int], student_responses: Sequence[Sequence[int]],
+                   teacher_prompt_lens: Sequence[int],
+                   teacher_responses: Sequence[Sequence[int]], student: TokenTable,
+                   teacher: TokenTable) -> list[np.ndarray]:
+    """:func:`align_continuation` for each rollout of a batch."""
+    return [align_continuation(p, s, q, t, student, teacher) for p, s, q, t in
+            zip(student_prompt_lens, student_responses, teacher_prompt_lens, teacher_responses,
+                strict=True)]
 
 
 def flatten_pairs(pairs: np.ndarray) -> list[int]:

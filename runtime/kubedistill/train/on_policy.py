@@ -7,7 +7,10 @@ Read :meth:`OnPolicyTrainer.fit`: it is the table of contents. One ITERATION:
    prepared train split x ``n_samples_per_prompt`` samples from the rollout engine
    (``hf`` / ``sglang``, :mod:`kubedistill.rollout`), seeded by (seed, iteration);
 2. teacher (rank 0): the live ``TeacherEngine`` on ``teacher prompt + response`` -> final
-   hidden states at the positions predicting the response tokens; everything is broadcast;
+   hidden states at the positions predicting the response tokens; everything is broadcast.
+   A teacher with another tokenizer (the prepared data has a vocabulary map; ``simple_ctkd``
+   or ``dskd``) gets the response re-tokenized, and the samples carry the alignment of the
+   two tokenizations (:class:`~kubedistill.crosstok.bridge.TokenizerBridge`);
 3. train: the iteration's samples, ``train_batch_size`` at a time, are optimizer steps of the
    off-policy trainer (:class:`~kubedistill.train.trainer.Trainer.train_step`: the same FSDP2
    module, algorithm, global loss-token normalisation, clipping, AdamW, schedule);
@@ -32,7 +35,8 @@ per-iteration diagnostics are its on-policy counterpart, and the evaluate stage 
 
 Per iteration the tracker gets ``time/{rollout,teacher,train,sync}_s``,
 ``rollout/{response_len,truncation_rate,samples,prompts}``, ``onpolicy/kl`` (mean per-token
-KL(teacher || student) on the fresh samples, before the update) and ``onpolicy/top1_agree``;
+KL(teacher || student) on the fresh samples, before the update; cross-tokenizer: on the
+aligned tokens over the shared sub-vocabulary) and ``onpolicy/top1_agree``;
 the first ``print_rollout_sample`` samples go to ``{work_dir}/train/rollout_samples.jsonl``
 (a table artifact).
 """
@@ -49,7 +53,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from kubedistill.algorithms.base import Algorithm, MicroBatch
 from kubedistill.config import Config
 from kubedistill.errors import ConfigError, KubedistillError
 from kubedistill.rollout.engine import Sample, make_rollout_engine
@@ -57,6 +60,7 @@ from kubedistill.rollout.sync import ema_update, gather_student, push
 from kubedistill.teacher.head import TeacherHead
 from kubedistill.tracking.base import NullTracker, Tracker
 from kubedistill.train import data
+from kubedistill.train.diagnostics import WithDiagnostics
 from kubedistill.train.export import export_hf
 from kubedistill.train.fsdp import DistEnv
 from kubedistill.train.launch import local_work_dir
@@ -76,9 +80,6 @@ def is_on_policy(cfg: Config) -> bool:
     return cfg.rollout.rollout_num_engines > 0
 
 
-CROSS_TOKENIZER = ("simple_ctkd", "dskd")
-
-
 def check_config(cfg: Config) -> None:
     """Refuse combinations the on-policy loop cannot honour (ConfigError)."""
     from kubedistill.algorithms import ALGORITHMS
@@ -87,14 +88,27 @@ def check_config(cfg: Config) -> None:
     if not ALGORITHMS.lookup(kd.kd_algorithm).needs_teacher or kd.kd_ratio <= 0:
         raise ConfigError(f"on-policy training needs a teacher signal: kd_algorithm "
                           f"'{kd.kd_algorithm}' with kd_ratio {kd.kd_ratio} has none")
-    if kd.kd_algorithm in CROSS_TOKENIZER:
-        raise ConfigError(f"on-policy training trains on the student's sampled token ids and "
-                          f"scores them with the teacher in the same ids; cross-tokenizer "
-                          f"'{kd.kd_algorithm}' is not supported on-policy")
     if cfg.rollout.n_samples_per_prompt < 1 or cfg.rollout.rollout_batch_size < 1 \
             or cfg.rollout.generate_max_len < 1:
         raise ConfigError("rollout_batch_size, n_samples_per_prompt and generate_max_len "
                           "must be >= 1")
+
+
+def cross_tokenizer_map(cfg: Config):
+    """The prepared data's vocabulary map when the teacher has another tokenizer (prepare
+    writes one only then), else None; ConfigError for a combination that cannot use it."""
+    from kubedistill import storage
+    from kubedistill.crosstok.vocab import VOCAB_MAP_FILE, VocabMap
+    from kubedistill.data.preflight import CROSS_TOKENIZER_ALGORITHMS
+
+    if not storage.exists(storage.join(cfg.prepared_path, VOCAB_MAP_FILE)):
+        return None
+    if cfg.kd.self_distillation or cfg.kd.kd_algorithm not in CROSS_TOKENIZER_ALGORITHMS:
+        raise ConfigError(f"{cfg.prepared_path} was prepared for a teacher with another "
+                          f"tokenizer: on-policy KD then needs kd_algorithm one of "
+                          f"{', '.join(CROSS_TOKENIZER_ALGORITHMS)} and no self_distillation "
+                          f"(got '{cfg.kd.kd_algorithm}')")
+    return VocabMap.load(cfg.prepared_path)
 
 
 @dataclass
@@ -113,49 +127,6 @@ class OnPolicyCursor:
     teacher_updates: int = 0
 
 
-class WithDiagnostics(Algorithm):
-    """The configured algorithm plus two detached parts on the same tokens, normalised like
-    the loss: ``kl_ts`` = sum_i KL(p_T,i || p_S,i) / Z (temperature 1) and ``top1`` =
-    sum_i [argmax p_T,i == argmax p_S,i] / Z."""
-
-    def __init__(self, inner: Algorithm, chunk: int | None = 1024):
-        super().__init__(inner.config)
-        self.inner = inner
-        self.chunk = chunk or 1 << 30
-
-    @property
-    def teacher_head(self):  # the inner algorithm owns it
-        return self.inner.teacher_head
-
-    @teacher_head.setter
-    def teacher_head(self, value):
-        if value is not None:
-            raise AttributeError("set the inner algorithm's teacher_head")
-
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups()
-
-    def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
-                normalizer: float) -> dict[str, torch.Tensor]:
-        parts = self.inner(batch, hidden, lm_head_weight, normalizer)
-        head = self.inner.teacher_head
-        if batch.teacher_hidden is None or head is None:
-            return parts
-        kl = top1 = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        with torch.no_grad():
-            w = lm_head_weight.float()
-            for lo in range(0, hidden.shape[0], self.chunk):
-                s = torch.log_softmax(hidden[lo:lo + self.chunk].float() @ w.T, dim=-1)
-                t = torch.log_softmax(head.logits(batch.teacher_hidden[lo:lo + self.chunk]
-                                                  .to(hidden.device)), dim=-1)
-                v = min(s.shape[-1], t.shape[-1])
-                s, t = s[:, :v], t[:, :v]
-                kl = kl + (t.exp() * (t - s)).sum().double()
-                top1 = top1 + (t.argmax(-1) == s.argmax(-1)).sum().double()
-        return {**parts, "kl_ts": (kl / normalizer).to(parts["loss"].dtype),
-                "top1": (top1 / normalizer).to(parts["loss"].dtype)}
-
-
 class OnPolicyTrainer(Trainer):
     """Reuses :class:`Trainer`'s step, logging, checkpoint and export machinery."""
 
@@ -170,8 +141,9 @@ class OnPolicyTrainer(Trainer):
         _seed_everything(t.seed)
         self.local_dir = local_work_dir(cfg)
         self.student_ref = resolve_student(cfg, env, self.local_dir)
+        self.vocab_map = cross_tokenizer_map(cfg)
         self.prompts = load_prompts(cfg.prepared_path, cfg.data.train_split,
-                                    cfg.data.prompt_max_len)
+                                    cfg.data.prompt_max_len, self.vocab_map is not None)
         self.train_split = self.eval_split = self.eval_batches = None
         self.train_batches: data.BatchBuilder | None = None
         self.self_distill = bool(cfg.kd.self_distillation)
@@ -183,8 +155,10 @@ class OnPolicyTrainer(Trainer):
         from kubedistill.models.loading import resolve_model_path
 
         self.teacher_path = resolve_model_path(self.teacher_ref, cfg.storage.model_cache_dir)
+        self.bridge = None  # rank 0, with the engines
         head = TeacherHead.from_pretrained(self.teacher_path, cfg.model.trust_remote_code)
-        self.build_student(head, lambda inner: WithDiagnostics(inner, t.chunked_loss_size))
+        self.build_student(head, lambda inner: WithDiagnostics(inner, t.chunked_loss_size,
+                                                               self.vocab_map))
         self.iters_per_epoch = data.steps_per_epoch(len(self.prompts), r.rollout_batch_size)
         self.build_schedule(sum(self.steps_in_iteration(k)
                                 for k in range(self.iters_per_epoch)))
@@ -216,6 +190,14 @@ class OnPolicyTrainer(Trainer):
             self.teacher_engine = make_engine(cfg, student_path, model=self.teacher_model)
         else:
             self.teacher_engine = make_engine(cfg, self.teacher_path)
+        if self.vocab_map is not None:
+            from kubedistill.crosstok.bridge import TokenizerBridge
+            from kubedistill.models.loading import load_tokenizer
+
+            trust = cfg.model.trust_remote_code
+            self.bridge = TokenizerBridge(
+                load_tokenizer(student_path, trust_remote_code=trust),
+                load_tokenizer(self.teacher_path, trust_remote_code=trust), self.vocab_map)
 
     def _path(self, ref: str) -> str:
         from kubedistill.models.loading import resolve_model_path
@@ -278,18 +260,18 @@ class OnPolicyTrainer(Trainer):
             start = time.perf_counter()
             self._sleep(self.rollout_engine)
             self._wake(self.teacher_engine)
-            requests = [teacher_request(s, self.prompts.teacher_prompts[chosen[s.prompt_index]])
-                        for s in samples]
-            hidden = self.teacher_engine.final_states([q for q, _ in requests],
-                                                      [p for _, p in requests])
+            requests = [teacher_request(s, self.prompts.teacher_prompts[chosen[s.prompt_index]],
+                                        self.bridge) for s in samples]
+            hidden = self.teacher_engine.final_states([q.tokens for q in requests],
+                                                      [q.positions for q in requests])
             self._sleep(self.teacher_engine)
             times["teacher"] = time.perf_counter() - start
             ids = [f"it{c.iteration}:{self.prompts.ids[chosen[s.prompt_index]]}:"
                    f"{j % r.n_samples_per_prompt}" for j, s in enumerate(samples)]
             self.record_samples(ids, samples)
-            payload = (ids, samples, hidden, dict(times))
+            payload = (ids, samples, requests, hidden, dict(times))
         payload = self._broadcast(payload)
-        ids, samples, hidden, rank0_times = payload
+        ids, samples, requests, hidden, rank0_times = payload
         times.update(rank0_times)
         lengths = [len(s.response_ids) for s in samples]
         stats = {"rollout/prompts": len(chosen), "rollout/samples": len(samples),
@@ -298,7 +280,8 @@ class OnPolicyTrainer(Trainer):
                  "rollout/truncation_rate": sum(s.truncated for s in samples)
                  / max(1, len(samples)),
                  "rollout/prompts_over_max_len": len(self.prompts.skipped)}
-        return rollout_split(ids, samples), rollout_teacher(ids, samples, hidden), stats
+        return (rollout_split(ids, samples, requests), rollout_teacher(ids, requests, hidden),
+                stats)
 
     def train_iteration(self, split, teacher, stats, progress, times) -> None:
         self.reload_optimizer()
@@ -307,7 +290,7 @@ class OnPolicyTrainer(Trainer):
         self.train_batches = data.BatchBuilder(split, pad_id=self.pad_id,
                                                packing=self.cfg.data.packing_samples,
                                                teacher=teacher)
-        kl = top1 = tokens = 0.0
+        kl = top1 = rows = 0.0
         samples = list(range(len(split)))
         for lo in range(0, len(samples), t.train_batch_size):
             if self.cursor.global_step >= self.total_steps:
@@ -323,11 +306,11 @@ class OnPolicyTrainer(Trainer):
             n = metrics["train/loss_tokens"]
             kl += metrics.pop("train/kl_ts", 0.0) * n
             top1 += metrics.pop("train/top1", 0.0) * n
-            tokens += n
+            rows += metrics.pop("train/rows", 0.0) * n
             self.count_step(metrics)
             self.log(metrics, progress)
-        stats["onpolicy/kl"] = kl / max(tokens, 1.0)
-        stats["onpolicy/top1_agree"] = top1 / max(tokens, 1.0)
+        stats["onpolicy/kl"] = kl / max(rows, 1.0)
+        stats["onpolicy/top1_agree"] = top1 / max(rows, 1.0)
         times["train"] = time.perf_counter() - start
 
     def sync(self, times: dict[str, float] | None = None) -> None:

@@ -11,7 +11,9 @@ the response (the sampled tokens: a ``"stop"`` response ends with the sampled st
 ``prompt_len - 1 ... prompt_len + len(response) - 2``; the teacher is run on
 ``teacher_prompt + response`` at ``teacher_prompt_len - 1 ...`` (the same targets), and its
 states are keyed by the student positions, so :class:`kubedistill.train.data.BatchBuilder`
-joins and checks them as it does for the off-policy cache.
+joins and checks them as it does for the off-policy cache. A teacher with another tokenizer
+scores the re-tokenized response; its states keep the teacher's positions and the sample
+carries the alignment pairs, as a cross-tokenizer prepared split does (:class:`TeacherRequest`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kubedistill.crosstok.bridge import TokenizerBridge
 from kubedistill.errors import DataError
 from kubedistill.rollout.engine import Sample
 from kubedistill.train.data import PreparedSplit
@@ -40,7 +43,10 @@ class PromptSet:
         return len(self.ids)
 
 
-def load_prompts(prepared_path: str, split: str, prompt_max_len: int) -> PromptSet:
+def load_prompts(prepared_path: str, split: str, prompt_max_len: int,
+                 teacher_ids_required: bool = False) -> PromptSet:
+    """The split's prompts; ``teacher_ids_required`` (a teacher with another tokenizer):
+    a row without its teacher tokenization is a DataError naming the row."""
     from kubedistill.data.prepared import load_split
 
     table = load_split(prepared_path, split)
@@ -53,6 +59,10 @@ def load_prompts(prepared_path: str, split: str, prompt_max_len: int) -> PromptS
         plen = cols["prompt_len"][i] or 0
         prompt = list(cols["input_ids"][i][:plen])
         t_ids, t_plen = cols["teacher_input_ids"][i], cols["teacher_prompt_len"][i]
+        if teacher_ids_required and (t_ids is None or not t_plen):
+            raise DataError(f"{prepared_path}/{split} row {i} (id {sid!r}): no "
+                            "teacher_input_ids/teacher_prompt_len, but the teacher has another "
+                            "tokenizer; rerun prepare with this teacher")
         teacher = list(t_ids[:t_plen]) if t_ids is not None and t_plen else prompt
         if not prompt or len(prompt) > prompt_max_len:
             out.skipped.append(str(sid))
@@ -76,10 +86,39 @@ def sample_arrays(sample: Sample) -> tuple[list[int], list[int]]:
     return tokens, [0] * len(sample.prompt_ids) + [1] * len(sample.response_ids)
 
 
-def teacher_request(sample: Sample, teacher_prompt: list[int]) -> tuple[list[int], list[int]]:
-    """``(teacher tokens, positions)``: the hidden states that predict the response."""
-    n, tp = len(sample.response_ids), len(teacher_prompt)
-    return list(teacher_prompt) + list(sample.response_ids), list(range(tp - 1, tp - 1 + n))
+@dataclass
+class TeacherRequest:
+    """What the teacher scores for one rollout.
+
+    ``tokens``: teacher prompt + response in the teacher's ids; ``positions``: the teacher
+    positions whose final states are needed (those predicting the response tokens);
+    ``keys``: the positions the states are filed under for
+    :class:`~kubedistill.train.data.BatchBuilder` -- the student's positions for the same
+    tokenizer (one state per student target), the teacher's own positions for a
+    cross-tokenizer teacher, joined through ``pairs`` ([M, 2] student/teacher positions).
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    keys: list[int]
+    pairs: np.ndarray | None = None
+
+
+def teacher_request(sample: Sample, teacher_prompt: list[int],
+                    bridge: TokenizerBridge | None = None) -> TeacherRequest:
+    """The teacher's view of a rollout; with a ``bridge`` (a teacher with another
+    tokenizer) the response is re-tokenized and aligned
+    (:class:`~kubedistill.crosstok.bridge.TokenizerBridge`)."""
+    response = list(sample.response_ids) if bridge is None else \
+        bridge.retokenize(sample.response_ids)
+    q, m = len(teacher_prompt), len(response)
+    positions = list(range(q - 1, q - 1 + m))
+    if bridge is None:
+        p = len(sample.prompt_ids)
+        return TeacherRequest(list(teacher_prompt) + response, positions,
+                              list(range(p - 1, p - 1 + m)))
+    pairs = bridge.align(len(sample.prompt_ids), sample.response_ids, q, response)
+    return TeacherRequest(list(teacher_prompt) + response, positions, positions, pairs)
 
 
 @dataclass
@@ -98,21 +137,24 @@ class RolloutTeacher:
         return self.states[sample_id]
 
 
-def rollout_split(sample_ids: list[str], samples: list[Sample]) -> PreparedSplit:
+def rollout_split(sample_ids: list[str], samples: list[Sample],
+                  requests: list[TeacherRequest] | None = None) -> PreparedSplit:
+    """The iteration's training samples (with the cross-tokenizer pairs of ``requests``)."""
     tokens, masks, offsets = [], [], [0]
     for s in samples:
         t, m = sample_arrays(s)
         tokens += t
         masks += m
         offsets.append(offsets[-1] + len(t))
+    pairs = None
+    if requests is not None and any(r.pairs is not None for r in requests):
+        pairs = [r.pairs for r in requests]
     return PreparedSplit(list(sample_ids), np.asarray(tokens, dtype=np.int64),
-                         np.asarray(masks, dtype=np.int8), np.asarray(offsets, dtype=np.int64))
+                         np.asarray(masks, dtype=np.int8), np.asarray(offsets, dtype=np.int64),
+                         pairs)
 
 
-def rollout_teacher(sample_ids: list[str], samples: list[Sample],
+def rollout_teacher(sample_ids: list[str], requests: list[TeacherRequest],
                     hidden: list[torch.Tensor]) -> RolloutTeacher:
-    states = {}
-    for sid, s, h in zip(sample_ids, samples, hidden, strict=True):
-        p = len(s.prompt_ids)
-        states[sid] = RolloutStates(torch.arange(p - 1, p - 1 + len(s.response_ids)), h)
-    return RolloutTeacher(states)
+    return RolloutTeacher({sid: RolloutStates(torch.tensor(r.keys, dtype=torch.long), h)
+                           for sid, r, h in zip(sample_ids, requests, hidden, strict=True)})
