@@ -223,11 +223,11 @@ def test_in_process_ema_self_distillation_teacher(world_of_one, base, tmp_path):
     history = []
 
     def check(tr):
-        theta_t = {k: v.clone() for k, v in tr.teacher_model.state_dict().items()}
+        theta_t = {k: v.clone() for k, v in tr.self_teacher.model.state_dict().items()}
         history.append((theta_t, {k: v.clone() for k, v in  # a world of one shares storage
                                  full_state_dict(tr.module.student).items()}))
         head = tr.module.algorithm.inner.teacher_head.weight
-        assert torch.equal(head, tr.teacher_model.get_output_embeddings().weight)
+        assert torch.equal(head, tr.self_teacher.model.get_output_embeddings().weight)
 
     _iterate(trainer, 2, check)
     assert trainer.cursor.teacher_updates == 2

@@ -54,12 +54,13 @@ import torch
 import torch.distributed as dist
 
 from kubedistill.config import Config
-from kubedistill.errors import ConfigError, KubedistillError
+from kubedistill.errors import ConfigError
 from kubedistill.rollout.engine import Sample, make_rollout_engine
-from kubedistill.rollout.sync import ema_update, gather_student, push
+from kubedistill.rollout.sync import gather_student, push
 from kubedistill.teacher.head import TeacherHead
 from kubedistill.tracking.base import NullTracker, Tracker
 from kubedistill.train import data
+from kubedistill.train.colocate import Colocation
 from kubedistill.train.diagnostics import WithDiagnostics
 from kubedistill.train.export import export_hf
 from kubedistill.train.fsdp import DistEnv
@@ -70,6 +71,7 @@ from kubedistill.train.on_policy_data import (
     rollout_teacher,
     teacher_request,
 )
+from kubedistill.train.self_distill import SelfDistillTeacher
 from kubedistill.train.student import resolve_student
 from kubedistill.train.trainer import Trainer, _progress, _seed_everything
 
@@ -159,6 +161,9 @@ class OnPolicyTrainer(Trainer):
         head = TeacherHead.from_pretrained(self.teacher_path, cfg.model.trust_remote_code)
         self.build_student(head, lambda inner: WithDiagnostics(inner, t.chunked_loss_size,
                                                                self.vocab_map))
+        self.self_teacher = SelfDistillTeacher(cfg.kd, env, t.ckpt_path,
+                                               self.module.algorithm.inner.teacher_head) \
+            if self.self_distill else None
         self.iters_per_epoch = data.steps_per_epoch(len(self.prompts), r.rollout_batch_size)
         self.build_schedule(sum(self.steps_in_iteration(k)
                                 for k in range(self.iters_per_epoch)))
@@ -168,8 +173,8 @@ class OnPolicyTrainer(Trainer):
         self.last: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.started = time.perf_counter()
-        self.colocate = bool(t.enable_sleep) and env.device.type == "cuda"
-        self.rollout_engine = self.teacher_engine = self.teacher_model = None
+        self.colocation = Colocation(t.enable_sleep, env.device)
+        self.rollout_engine = self.teacher_engine = None
         if env.is_main:
             self._open_engines()
 
@@ -183,11 +188,11 @@ class OnPolicyTrainer(Trainer):
         if self.self_distill:  # theta_T lives in an HF module; the engine serves it
             from kubedistill.models import load_causal_lm
 
-            self.teacher_model = load_causal_lm(
-                student_path, dtype=torch.float32, device=device,
-                attn_implementation=cfg.model.attn_implementation,
-                trust_remote_code=cfg.model.trust_remote_code)
-            self.teacher_engine = make_engine(cfg, student_path, model=self.teacher_model)
+            model = load_causal_lm(student_path, dtype=torch.float32, device=device,
+                                   attn_implementation=cfg.model.attn_implementation,
+                                   trust_remote_code=cfg.model.trust_remote_code)
+            self.teacher_engine = make_engine(cfg, student_path, model=model)
+            self.self_teacher.model, self.self_teacher.engine = model, self.teacher_engine
         else:
             self.teacher_engine = make_engine(cfg, self.teacher_path)
         if self.vocab_map is not None:
@@ -258,13 +263,13 @@ class OnPolicyTrainer(Trainer):
                 seed=self.cfg.train.seed * 1_000_003 + c.iteration)
             times["rollout"] = time.perf_counter() - start
             start = time.perf_counter()
-            self._sleep(self.rollout_engine)
-            self._wake(self.teacher_engine)
+            self.colocation.sleep(self.rollout_engine)
+            self.colocation.wake(self.teacher_engine)
             requests = [teacher_request(s, self.prompts.teacher_prompts[chosen[s.prompt_index]],
                                         self.bridge) for s in samples]
             hidden = self.teacher_engine.final_states([q.tokens for q in requests],
                                                       [q.positions for q in requests])
-            self._sleep(self.teacher_engine)
+            self.colocation.sleep(self.teacher_engine)
             times["teacher"] = time.perf_counter() - start
             ids = [f"it{c.iteration}:{self.prompts.ids[chosen[s.prompt_index]]}:"
                    f"{j % r.n_samples_per_prompt}" for j, s in enumerate(samples)]
@@ -284,7 +289,7 @@ class OnPolicyTrainer(Trainer):
                 stats)
 
     def train_iteration(self, split, teacher, stats, progress, times) -> None:
-        self.reload_optimizer()
+        self.colocation.reload(self.optimizer)
         start = time.perf_counter()
         t = self.cfg.train
         self.train_batches = data.BatchBuilder(split, pad_id=self.pad_id,
@@ -317,47 +322,17 @@ class OnPolicyTrainer(Trainer):
         """Student -> rollout engine (and the self-distillation teacher); all ranks call."""
         start = time.perf_counter()
         state = gather_student(self.module.student)
-        self.offload_optimizer()
+        self.colocation.offload(self.optimizer)
         if self.env.is_main:
-            self._wake(self.rollout_engine)
+            self.colocation.wake(self.rollout_engine)
             push(state, self.rollout_engine, self.env, dtype=self._engine_dtype())
-        if self.self_distill and times is not None:  # not at start: theta_T is loaded/kept
-            self.update_teacher(state)
+        if self.self_teacher is not None and times is not None \
+                and self.self_teacher.due(self.cursor.iteration + 1):  # not at start
+            self.self_teacher.update(state)
+            self.cursor.teacher_updates += 1
         state.clear()
         if times is not None:
             times["sync"] = time.perf_counter() - start
-
-    def update_teacher(self, state: dict[str, torch.Tensor]) -> None:
-        """EMA every iteration, or a copy every ``teacher_update_freq`` iterations."""
-        kd = self.cfg.kd
-        done = self.cursor.iteration + 1
-        if not kd.use_ema_teacher and done % max(1, kd.teacher_update_freq):
-            return
-        if self.env.is_main:
-            if kd.use_ema_teacher:
-                ema_update(self.teacher_model, state, kd.teacher_ema_decay)
-            else:
-                ema_update(self.teacher_model, state, 0.0)  # a copy
-            self._push_teacher()
-        self.cursor.teacher_updates += 1
-        self.broadcast_teacher_head()
-
-    def _push_teacher(self) -> None:
-        """An SGLang teacher engine serves its own copy: push theta_T to it."""
-        engine = getattr(self.teacher_engine, "engine", None)
-        if engine is not None and hasattr(engine, "update_weights_from_tensor"):
-            from kubedistill.rollout.sync import buckets
-
-            for bucket in buckets(self.teacher_model.state_dict(), dtype=torch.bfloat16):
-                engine.update_weights_from_tensor(named_tensors=bucket)
-
-    def broadcast_teacher_head(self) -> None:
-        """Every rank's algorithm head <- rank 0's theta_T lm_head."""
-        head = self.module.algorithm.inner.teacher_head
-        if self.env.is_main:
-            head.weight.copy_(self.teacher_model.get_output_embeddings().weight.detach())
-        if self.env.world_size > 1:
-            dist.broadcast(head.weight, src=0)
 
     def end_iteration(self, stats: dict[str, float], times: dict[str, float]) -> None:
         c = self.cursor
@@ -375,24 +350,6 @@ class OnPolicyTrainer(Trainer):
                 f.write(json.dumps({"step": c.global_step, "iteration": c.iteration,
                                     **metrics}) + "\n")
 
-    # ---- colocation ----------------------------------------------------------------------
-    def offload_optimizer(self) -> None:
-        if self.colocate:
-            _move_optimizer_state(self.optimizer, torch.device("cpu"))
-            torch.cuda.empty_cache()
-
-    def reload_optimizer(self) -> None:
-        if self.colocate:
-            _move_optimizer_state(self.optimizer, self.env.device)
-
-    def _sleep(self, engine) -> None:
-        if self.colocate and hasattr(engine, "sleep"):
-            engine.sleep()
-
-    def _wake(self, engine) -> None:
-        if self.colocate and hasattr(engine, "wake"):
-            engine.wake()
-
     def _engine_dtype(self) -> torch.dtype | None:
         model = getattr(self.rollout_engine, "model", None)
         if model is not None:
@@ -400,47 +357,19 @@ class OnPolicyTrainer(Trainer):
         return torch.bfloat16
 
     # ---- state ---------------------------------------------------------------------------
-    def _teacher_file(self, step: int) -> str:
-        from kubedistill import storage
-
-        return storage.join(self.cfg.train.ckpt_path, f"teacher_step_{step:08d}.safetensors")
-
     def save(self) -> None:
-        from safetensors.torch import save
-
-        from kubedistill import storage
-
-        if self.self_distill and self.env.is_main:  # theta_T first: latest.json comes last
-            state = {k: v.detach().cpu().clone()  # one name per tied tensor
-                     for k, v in self.teacher_model.named_parameters()}
-            storage.write_bytes_atomic(self._teacher_file(self.cursor.global_step),
-                                       save(state))
-        self.checkpointer.save(self.cursor.global_step, self.module, self.optimizer,
-                               self.scheduler, asdict(self.cursor),
-                               keep_key=self.module.checkpoint_filter)
-        if self.self_distill and self.env.is_main:  # drop theta_T files of pruned steps
-            fs, root = storage.filesystem(self.cfg.train.ckpt_path)
-            for path in fs.ls(root, detail=False):
-                name = path.rstrip("/").rsplit("/", 1)[-1]
-                step = name[len("teacher_step_"):-len(".safetensors")]
-                if name.startswith("teacher_step_") and not fs.exists(
-                        f"{root.rstrip('/')}/step_{step}"):
-                    fs.rm(path)
+        step = self.cursor.global_step
+        if self.self_teacher is not None:  # theta_T first: latest.json comes last
+            self.self_teacher.save(step)
+        self.checkpointer.save(step, self.module, self.optimizer, self.scheduler,
+                               asdict(self.cursor), keep_key=self.module.checkpoint_filter)
+        if self.self_teacher is not None:
+            self.self_teacher.prune()
 
     def restore(self, cursor: dict) -> None:
         self.cursor = OnPolicyCursor(**cursor)
-        if self.self_distill:
-            from safetensors.torch import load
-
-            from kubedistill import storage
-
-            if self.env.is_main:
-                state = load(storage.read_bytes(self._teacher_file(self.cursor.global_step)))
-                bad = self.teacher_model.load_state_dict(state, strict=False).unexpected_keys
-                if bad:
-                    raise KubedistillError(f"teacher checkpoint has unknown weights {bad[:5]}")
-                self._push_teacher()
-            self.broadcast_teacher_head()
+        if self.self_teacher is not None:
+            self.self_teacher.restore(self.cursor.global_step)
 
     def record_samples(self, ids: list[str], samples: list[Sample]) -> None:
         k = self.cfg.rollout.print_rollout_sample
@@ -484,13 +413,3 @@ class OnPolicyTrainer(Trainer):
             if engine is not None:
                 engine.close()
         self.rollout_engine = self.teacher_engine = None
-
-
-def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Colocation: AdamW moments (DTensor shards included) to ``device`` and back."""
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                state[key] = value.to(device, non_blocking=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
