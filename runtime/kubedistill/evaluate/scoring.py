@@ -8,8 +8,13 @@ so memory is ``targets x vocab`` rather than ``tokens x vocab``. Per target toke
     KL  = sum_v p_t(v) (log p_t(v) - log p_s(v))       p = softmax(z)   (float32)
     top1 = [argmax z_t == argmax z_s]
 
-When the two vocabularies differ in size (padded embeddings) the first ``min(V_s, V_t)``
-entries are compared.
+KL and top-1 are per-token means over the compared positions (``eval_kl_tokens`` of them).
+Same tokenizer: every target whose row the teacher scored, full vocabulary; when the two
+vocabularies differ in size (padded embeddings) the first ``min(V_s, V_t)`` entries are
+compared. Cross-tokenizer (``student_cols`` given): the compared positions are the aligned
+pairs (:mod:`kubedistill.evaluate.teacher_signal`), ``z_s = z_s[student_ids]`` and
+``z_t = z_t[teacher_ids]`` of the vocabulary map, so both softmaxes renormalise over the K
+shared ids and top-1 compares indices into the map.
 """
 
 from __future__ import annotations
@@ -54,17 +59,24 @@ def make_batches(input_ids: Sequence[Sequence[int]], loss_masks: Sequence[Sequen
             group.append(r)
             continue
         if group:
-            width = len(input_ids[group[0]])
-            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-            attn = torch.zeros((len(group), width), dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.int8)
-            for k, row in enumerate(group):
-                n = len(input_ids[row])
-                ids[k, :n] = torch.as_tensor(list(input_ids[row]), dtype=torch.long)
-                attn[k, :n] = 1
-                mask[k, :n] = torch.as_tensor(list(loss_masks[row]), dtype=torch.int8)
-            yield Batch(ids, attn, mask, list(group))
+            yield pad_rows([input_ids[g] for g in group], [loss_masks[g] for g in group],
+                           group, pad_id)
         group = [r] if r is not None else []
+
+
+def pad_rows(input_ids: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]],
+             rows: list[int], pad_id: int = 0) -> Batch:
+    """The sequences right-padded to the longest, in the given order, as one :class:`Batch`."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.int8)
+    for k, (seq, m) in enumerate(zip(input_ids, loss_masks, strict=True)):
+        n = len(seq)
+        ids[k, :n] = torch.as_tensor(list(seq), dtype=torch.long)
+        attn[k, :n] = 1
+        mask[k, :n] = torch.as_tensor(list(m), dtype=torch.int8)
+    return Batch(ids, attn, mask, list(rows))
 
 
 def target_hidden(model: torch.nn.Module, batch: Batch, device: torch.device | str
@@ -86,16 +98,17 @@ class TokenStats:
     ce_sum: float = 0.0
     kl_sum: float = 0.0
     agree: int = 0
-    teacher_tokens: int = 0
-    teacher_ce_sum: float = 0.0
+    kl_tokens: int = 0
     per_row_ce: dict[int, float] = field(default_factory=dict)
 
     def add(self, head: TeacherHead, hidden: torch.Tensor, targets: torch.Tensor,
             rows: torch.Tensor, teacher_logits: torch.Tensor | None = None,
-            keep: torch.Tensor | None = None) -> None:
-        """Accumulate CE for student ``hidden`` [N, d] (through ``head``) and, if given, KL,
-        top-1 and the teacher's own CE against ``teacher_logits`` [M, V_t], whose rows are the
-        entries of ``hidden`` selected by the bool mask ``keep`` [N] (all when None)."""
+            keep: torch.Tensor | None = None, student_cols: torch.Tensor | None = None) -> None:
+        """Accumulate CE for student ``hidden`` [N, d] (through ``head``) and, if given, KL and
+        top-1 against ``teacher_logits`` [M, V_t], whose rows are the entries of ``hidden``
+        selected by the bool mask ``keep`` [N] (all when None). With ``student_cols`` [K] the
+        student logits are restricted to those columns (``teacher_logits`` is then [M, K],
+        restricted alike by the caller) before both softmaxes."""
         if teacher_logits is not None and keep is None:
             keep = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
         offset = 0
@@ -115,21 +128,24 @@ class TokenStats:
                 continue
             t = teacher_logits[offset:offset + n].to(logits.device, torch.float32)
             offset += n
-            v = min(t.shape[-1], logits.shape[-1])
-            s_logp = F.log_softmax(logits[k][:, :v], dim=-1)
+            s = logits[k]
+            if student_cols is not None:
+                s = s.index_select(-1, student_cols.to(s.device))
+            v = min(t.shape[-1], s.shape[-1])
+            s_logp = F.log_softmax(s[:, :v], dim=-1)
             t_logp = F.log_softmax(t[:, :v], dim=-1)
             self.kl_sum += float((t_logp.exp() * (t_logp - s_logp)).sum())
             self.agree += int((t_logp.argmax(-1) == s_logp.argmax(-1)).sum())
-            self.teacher_ce_sum += float(F.cross_entropy(t, targets[sl][k], reduction="sum"))
-            self.teacher_tokens += n
+            self.kl_tokens += n
 
     def means(self) -> dict[str, float]:
         out = {"eval_tokens": float(self.tokens)}
         if self.tokens:
             out["eval_ce"] = self.ce_sum / self.tokens
-        if self.teacher_tokens:
-            out["eval_kl"] = self.kl_sum / self.teacher_tokens
-            out["eval_top1_agreement"] = self.agree / self.teacher_tokens
+        if self.kl_tokens:
+            out["eval_kl"] = self.kl_sum / self.kl_tokens
+            out["eval_top1_agreement"] = self.agree / self.kl_tokens
+            out["eval_kl_tokens"] = float(self.kl_tokens)
         return out
 
 

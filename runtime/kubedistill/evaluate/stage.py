@@ -3,13 +3,19 @@
 ``evaluate(cfg) -> dict`` reads ``{prepared_path}/eval.parquet`` (docs/contracts.md) and the
 model at ``cfg.train.save_path`` and writes, under ``{work_dir}/eval/``:
 
-- ``metrics.json``: ``eval_ce`` / ``eval_ppl`` (student, target tokens), ``eval_kl``
-  (KL(teacher || student) per token) and ``eval_top1_agreement`` when the teacher shares the
-  student's tokens (signal from the teacher cache if it holds the eval ids, else a live
-  teacher), the task metric on the first ``eval_num_generations`` prompts (greedy,
-  ``eval_max_new_tokens``): ``eval_accuracy`` (gsm8k) or ``eval_rouge_l`` (rouge), also as
-  ``eval_task_score``; the teacher's ``teacher_eval_*``; ``score`` = metrics[eval_metric],
-  ``score_metric``, ``higher_is_better``, ``eval_data_hash``, ``data_hash``.
+- ``metrics.json``: ``eval_ce`` / ``eval_ppl`` (student, target tokens); ``eval_kl``
+  (KL(teacher || student) per compared token, temperature 1), ``eval_top1_agreement``,
+  ``eval_kl_tokens`` (the compared tokens) and ``eval_kl_space``
+  (:mod:`~kubedistill.evaluate.teacher_signal`): ``full_vocab`` when the teacher reads the
+  student's tokens (every target, full vocabulary); ``shared_vocab_aligned`` for
+  cross-tokenizer data (``ct_align`` rows + ``vocab_map.safetensors``): the aligned pairs,
+  both distributions renormalised over the K shared ids of the map, as simple_ctkd trains.
+  The signal comes from the teacher cache if it holds the eval ids and was built from this
+  teacher, else from a live teacher. The task metric on the first ``eval_num_generations``
+  prompts (greedy, ``eval_max_new_tokens``): ``eval_accuracy`` (gsm8k) or ``eval_rouge_l``
+  (rouge), also as ``eval_task_score``; the teacher's ``teacher_eval_*``; ``score`` =
+  metrics[eval_metric], ``score_metric``, ``higher_is_better``, ``eval_data_hash``,
+  ``data_hash``.
 - ``generations.jsonl``: id, prompt, reference, student_output, teacher_output, correct
   (gsm8k; None for rouge), rouge_l (rouge).
 - ``teacher_baseline-<key>.json``: the teacher's scores, computed once per teacher weights +
@@ -33,6 +39,7 @@ from tqdm.auto import tqdm
 
 from kubedistill import storage
 from kubedistill.config import Config
+from kubedistill.crosstok.vocab import VOCAB_MAP_FILE, VocabMap
 from kubedistill.errors import ConfigError, DataError
 from kubedistill.evaluate import metrics as M
 from kubedistill.evaluate.generation import greedy_generate
@@ -61,7 +68,8 @@ def read_eval_rows(cfg: Config) -> tuple[list[dict[str, Any]], str]:
     fs, path = storage.filesystem(uri)
     table = pq.read_table(path, filesystem=fs)
     keep = [c for c in ("id", "input_ids", "loss_mask", "prompt_len", "teacher_input_ids",
-                        "teacher_loss_mask", "teacher_prompt_len", "response", "label")
+                        "teacher_loss_mask", "teacher_prompt_len", "ct_align", "response",
+                        "label")
             if c in table.column_names]
     rows = table.select(keep).to_pylist()
     if not rows:
@@ -124,6 +132,16 @@ def teacher_baseline(cfg: Config, rows: list[dict], task: str, data_hash: str, t
     return out
 
 
+def _vocab_map(cfg: Config, rows: list[dict]) -> VocabMap | None:
+    """The prepared vocabulary map when the eval rows are cross-tokenizer (``ct_align``)."""
+    if all(r.get("ct_align") is None for r in rows):
+        return None
+    uri = storage.join(cfg.prepared_path, VOCAB_MAP_FILE)
+    if not storage.exists(uri):
+        raise DataError(f"the eval split has ct_align rows but {uri} does not exist")
+    return VocabMap.load(cfg.prepared_path)
+
+
 def _score_student(student, rows: list[dict], signal: CacheSignal | LiveSignal | None,
                    pad: int, device: str) -> TokenStats:
     head = TeacherHead.from_model(student)
@@ -133,7 +151,8 @@ def _score_student(student, rows: list[dict], signal: CacheSignal | LiveSignal |
     for batch in tqdm(batches, desc="student CE/KL", leave=False):
         hidden, targets, brow = target_hidden(student, batch, device)
         t_logits, keep = signal.logits(batch, rows, brow) if signal else (None, None)
-        stats.add(head, hidden, targets, brow, t_logits, keep)
+        stats.add(head, hidden, targets, brow, t_logits, keep,
+                  signal.student_cols if signal else None)
     return stats
 
 
@@ -171,14 +190,15 @@ def _evaluate(cfg: Config, tracker) -> dict[str, Any]:
         base_uri = storage.join(out_dir, "teacher_baseline-"
                                 f"{_baseline_key(teacher_ref, teacher_dir, data_hash)}.json")
         baseline = storage.read_json(base_uri) if storage.exists(base_uri) else None
-        signal = open_cache_signal(cfg.teacher_cache_path, rows, teacher_dir)
+        vocab_map = _vocab_map(cfg, rows)
+        signal = open_cache_signal(cfg.teacher_cache_path, rows, teacher_dir, vocab_map)
         if baseline is None or signal is None:
             teacher, t_tok, _ = load_model(teacher_ref, **load_kw)
             if baseline is None:
                 baseline = teacher_baseline(cfg, rows, task, data_hash, teacher, t_tok, device)
                 storage.write_json_atomic(base_uri, baseline)
             if signal is None:
-                signal = LiveSignal(teacher, device)
+                signal = LiveSignal(teacher, device, vocab_map)
             else:
                 del teacher
 
@@ -190,6 +210,8 @@ def _evaluate(cfg: Config, tracker) -> dict[str, Any]:
         raise DataError("the eval split has no target tokens (loss_mask is all zero)")
     metrics["eval_ppl"] = M.perplexity(metrics["eval_ce"])
     metrics["eval_samples"] = float(len(rows))
+    if "eval_kl" in metrics:
+        metrics["eval_kl_space"] = signal.space
 
     gen_rows = rows[:cfg.eval.eval_num_generations] if task != "none" else []
     per: list = []

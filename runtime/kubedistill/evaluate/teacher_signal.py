@@ -2,9 +2,25 @@
 
 Both sources answer ``logits(batch, rows, brow) -> (teacher_logits [M, V], keep [N])`` where
 ``N`` entries are the student's prediction positions of ``batch`` (row-major, as
-:meth:`Batch.target_positions`) and ``keep`` marks the ``M`` entries the teacher scored.
-Only rows whose teacher tokens ARE the student tokens (``teacher_input_ids`` null or equal)
-are comparable token by token; other rows are left out of KL and top-1 agreement.
+:meth:`Batch.target_positions`) and ``keep`` marks the ``M`` entries the teacher scored; row
+``m`` of ``teacher_logits`` belongs to the ``m``-th marked entry. Which entries are compared
+with which teacher position (:func:`compared_pairs`):
+
+- same tokenizer (no vocabulary map): rows whose teacher tokens ARE the student tokens
+  (``teacher_input_ids`` null or equal), each target entry with the same position; other
+  rows are left out of KL and top-1 agreement.
+- cross-tokenizer (``vocab_map`` given): the ``ct_align`` pairs of each row (student
+  position ``p``, teacher position ``q`` whose prefixes cover the same text; both predict a
+  target), entry ``p`` with the teacher's state at ``q`` of ``teacher_input_ids``. The
+  logits are then over the K mapped teacher ids only (``vocab_map.teacher_ids``, in map
+  order) and ``student_cols`` (``vocab_map.student_ids``) restricts the student side alike,
+  as :class:`~kubedistill.algorithms.simple_ctkd.SimpleCTKD` compares them
+  (``space = "shared_vocab_aligned"``; otherwise ``"full_vocab"``).
+
+The cache holds the final hidden states at the teacher's target positions
+(``TeacherCache.get(id).positions``: the student's positions for same-tokenizer data, the
+teacher's for cross-tokenizer data); a live teacher is run on the teacher's tokens and its
+final hidden states are taken at the compared positions.
 """
 
 from __future__ import annotations
@@ -14,10 +30,14 @@ import logging
 import torch
 
 from kubedistill import storage
-from kubedistill.evaluate.scoring import Batch, target_hidden
+from kubedistill.crosstok.align import unflatten_pairs
+from kubedistill.crosstok.vocab import VocabMap
+from kubedistill.errors import DataError
+from kubedistill.evaluate.scoring import Batch, pad_rows
 from kubedistill.teacher.head import TeacherHead
 
 log = logging.getLogger(__name__)
+Pairs = list[tuple[int, torch.Tensor, torch.Tensor]]  # (batch row, entries [n], teacher pos [n])
 
 
 def same_tokens(row: dict) -> bool:
@@ -25,62 +45,119 @@ def same_tokens(row: dict) -> bool:
     return t is None or list(t) == list(row["input_ids"])
 
 
-def _comparable(batch: Batch, rows: list[dict], brow: torch.Tensor) -> torch.Tensor:
-    ok = torch.tensor([same_tokens(rows[r]) for r in batch.rows], dtype=torch.bool)
-    return ok.to(brow.device)[brow]
+def is_compared(row: dict, cross_tokenizer: bool) -> bool:
+    """Whether KL / top-1 cover this row (see the module docstring)."""
+    return bool(row.get("ct_align")) if cross_tokenizer else same_tokens(row)
 
 
-class LiveSignal:
-    """A teacher model run on the same batch (same tokens, same positions)."""
+def compared_pairs(batch: Batch, rows: list[dict], cross_tokenizer: bool) -> Pairs:
+    """Per compared row ``k`` of ``batch``: the entries (indexes into the ``N`` prediction
+    positions, ascending) and the teacher positions they are compared with."""
+    b, pos = batch.target_positions()
+    out: Pairs = []
+    for k, r in enumerate(batch.rows):
+        idx = (b == k).nonzero(as_tuple=True)[0]
+        if not len(idx) or not is_compared(rows[r], cross_tokenizer):
+            continue
+        if not cross_tokenizer:
+            out.append((k, idx, pos[idx]))
+            continue
+        pairs = torch.from_numpy(unflatten_pairs(rows[r]["ct_align"]).T.copy())
+        p = pos[idx]
+        j = torch.searchsorted(p, pairs[0]).clamp(max=len(p) - 1)
+        if not torch.equal(p[j], pairs[0]):
+            raise DataError(f"eval sample {rows[r]['id']!r}: ct_align names student positions "
+                            "that do not predict a target of loss_mask")
+        out.append((k, idx[j], pairs[1]))
+    return out
 
-    kind = "live"
 
-    def __init__(self, model: torch.nn.Module, device: str):
-        self.model, self.device = model, device
-        self.head = TeacherHead.from_model(model)
+class _Signal:
+    kind = ""
+
+    def __init__(self, head: TeacherHead, vocab_map: VocabMap | None):
+        self.student_cols = None if vocab_map is None else vocab_map.student_ids
+        self.space = "full_vocab" if vocab_map is None else "shared_vocab_aligned"
+        if vocab_map is not None:  # the head restricted to the mapped teacher ids
+            idx = vocab_map.teacher_ids.to(head.weight.device)
+            head = TeacherHead(head.weight.index_select(0, idx),
+                               None if head.bias is None else head.bias.index_select(0, idx),
+                               head.scale, head.softcap)
+        self.head = head
 
     def logits(self, batch: Batch, rows: list[dict], brow: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = _comparable(batch, rows, brow)
-        hidden, _, _ = target_hidden(self.model, batch, self.device)
-        return self.head.logits(hidden[keep]), keep
-
-
-class CacheSignal:
-    """Cached final hidden states (``TeacherCache.get(id)``) through the cached teacher head."""
-
-    kind = "cache"
-
-    def __init__(self, cache):
-        self.cache = cache
-        self.head = cache.head()
-
-    def logits(self, batch: Batch, rows: list[dict], brow: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        comparable = _comparable(batch, rows, brow).cpu()
-        b, pos = batch.target_positions()
-        keep = torch.zeros_like(comparable)
+        keep = torch.zeros(brow.shape[0], dtype=torch.bool)
         parts: list[torch.Tensor] = []
-        for k, r in enumerate(batch.rows):
-            idx = (b == k).nonzero(as_tuple=True)[0]
-            if not len(idx) or not bool(comparable[idx[0]]) or rows[r]["id"] not in self.cache:
-                continue
-            states = self.cache.get(rows[r]["id"])
-            where = {int(p): j for j, p in enumerate(states.positions.tolist())}
-            hits = [(int(i), where[int(pos[i])]) for i in idx if int(pos[i]) in where]
-            if not hits:
-                continue
-            keep[[i for i, _ in hits]] = True
-            parts.append(states.hidden[[j for _, j in hits]])
+        pairs = compared_pairs(batch, rows, self.student_cols is not None)
+        for entries, hidden in self._states(batch, rows, pairs):
+            keep[entries] = True
+            parts.append(hidden)
         if not parts:
             return torch.zeros((0, self.head.vocab_size)), keep.to(brow.device)
         return self.head.logits(torch.cat(parts)), keep.to(brow.device)
 
+    def _states(self, batch: Batch, rows: list[dict], pairs: Pairs
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(entries, teacher hidden states [n, d]) per compared row, rows in batch order."""
+        raise NotImplementedError
 
-def open_cache_signal(uri: str, rows: list[dict], teacher_dir: str | None = None
-                      ) -> CacheSignal | None:
-    """A :class:`CacheSignal` when a complete cache at ``uri`` holds the eval samples and
-    (when ``teacher_dir`` is given) was built from that teacher's weights and tokenizer."""
+
+class LiveSignal(_Signal):
+    """A teacher model run on the teacher's tokens of the batch's rows."""
+
+    kind = "live"
+
+    def __init__(self, model: torch.nn.Module, device: str, vocab_map: VocabMap | None = None):
+        super().__init__(TeacherHead.from_model(model), vocab_map)
+        self.model, self.device = model, device
+
+    def _states(self, batch, rows, pairs):
+        if not pairs:
+            return []
+        if self.student_cols is None:  # same tokens: the student's batch itself
+            tb, at = batch, [k for k, _, _ in pairs]
+        else:
+            picked = [rows[batch.rows[k]] for k, _, _ in pairs]
+            tb = pad_rows([r["teacher_input_ids"] for r in picked],
+                          [r["teacher_loss_mask"] for r in picked], [0] * len(picked))
+            at = list(range(len(pairs)))
+        out = self.model.base_model(input_ids=tb.input_ids.to(self.device),
+                                    attention_mask=tb.attention_mask.to(self.device))
+        h = out.last_hidden_state
+        return [(e, h[a, q.to(h.device)]) for a, (_, e, q) in zip(at, pairs, strict=True)]
+
+
+class CacheSignal(_Signal):
+    """Cached final hidden states (``TeacherCache.get(id)``) through the cached teacher head;
+    compared positions the cache lacks are left out."""
+
+    kind = "cache"
+
+    def __init__(self, cache, vocab_map: VocabMap | None = None):
+        super().__init__(cache.head(), vocab_map)
+        self.cache = cache
+
+    def _states(self, batch, rows, pairs):
+        out = []
+        for k, entries, q in pairs:
+            sid = rows[batch.rows[k]]["id"]
+            if sid not in self.cache:
+                continue
+            states = self.cache.get(sid)
+            where = {int(p): j for j, p in enumerate(states.positions.tolist())}
+            hits = [i for i, p in enumerate(q.tolist()) if p in where]
+            if hits:
+                out.append((entries[hits],
+                            states.hidden[[where[int(q[i])] for i in hits]]))
+        return out
+
+
+def open_cache_signal(uri: str, rows: list[dict], teacher_dir: str | None = None,
+                      vocab_map: VocabMap | None = None) -> CacheSignal | None:
+    """A :class:`CacheSignal` when a complete cache at ``uri`` holds the compared eval
+    samples and (when ``teacher_dir`` is given) was built from that teacher's weights and
+    tokenizer."""
     try:
         if not storage.exists(storage.join(uri, "manifest.json")):
             return None
@@ -97,10 +174,10 @@ def open_cache_signal(uri: str, rows: list[dict], teacher_dir: str | None = None
     except Exception as exc:  # no usable cache: the caller falls back to a live teacher
         log.info("teacher cache at %s not used (%s); using a live teacher", uri, exc)
         return None
-    wanted = [r["id"] for r in rows if same_tokens(r)]
+    wanted = [r["id"] for r in rows if is_compared(r, vocab_map is not None)]
     present = sum(sid in cache for sid in wanted)
     if not wanted or present < len(wanted):
         log.info("teacher cache at %s holds %d of %d eval samples; using a live teacher",
                  uri, present, len(wanted))
         return None
-    return CacheSignal(cache)
+    return CacheSignal(cache, vocab_map)
