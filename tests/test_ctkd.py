@@ -151,6 +151,22 @@ def test_dskd_projector_gradients(align, kd_ratio, trained):
     assert all(g.abs().sum() > 0 for g in grads)  # every projector takes part
 
 
+def test_dskd_topk_logits_are_the_full_logits_at_the_teacher_top_ids():
+    from kubedistill.algorithms.dskd import head_logits
+
+    _, _, _, head, _ = inputs(dtype=torch.float64)
+    head.bias = torch.randn(head.vocab_size, dtype=torch.float64)
+    head.softcap, head.scale = 5.0, 0.8
+    h = torch.randn(6, head.hidden_size, dtype=torch.float64, requires_grad=True)
+    ids = torch.randn(6, head.vocab_size).topk(4, dim=-1).indices
+    picked = head_logits(head, h, ids)
+    full = head_logits(head, h).gather(-1, ids)
+    torch.testing.assert_close(picked, full)
+    g1, = torch.autograd.grad(picked.sum(), h)
+    g2, = torch.autograd.grad(full.sum(), h)
+    torch.testing.assert_close(g1, g2)
+
+
 def test_dskd_eta_parts_add_up():
     algo, batch, hidden, weight = dskd("eta", dtype=torch.float32)
     out = algo(batch, hidden, weight, normalizer=20.0)

@@ -17,12 +17,18 @@ from kubedistill.losses import fused_kd_loss, get_loss, loss_hparams
 MASKED = -1.0e4  # finite "minus infinity" for attention scores: never NaN, exp() underflows
 
 
-def head_logits(head, hidden: torch.Tensor) -> torch.Tensor:
+def head_logits(head, hidden: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """``TeacherHead`` logits in ``promote(hidden.dtype, float32)`` (float64 stays float64,
-    so gradients can be checked), with its scale and soft-capping."""
+    so gradients can be checked), with its scale and soft-capping. ``ids`` [R, k] selects k
+    vocabulary entries per row: the result is ``[R, k]`` without building ``[R, V]``."""
     dt = torch.promote_types(hidden.dtype, torch.float32)
-    out = F.linear(hidden.to(dt), head.weight.to(dt),
-                   None if head.bias is None else head.bias.to(dt))
+    if ids is None:
+        out = F.linear(hidden.to(dt), head.weight.to(dt),
+                       None if head.bias is None else head.bias.to(dt))
+    else:
+        out = torch.einsum("rd,rkd->rk", hidden.to(dt), head.weight[ids].to(dt))
+        if head.bias is not None:
+            out = out + head.bias[ids].to(dt)
     if head.scale != 1.0:
         out = out * head.scale
     if head.softcap is not None:
@@ -107,13 +113,15 @@ class DSKD(Algorithm):
                             **loss_hparams(kd))
 
     def _teacher_space(self, s2t_hidden, t_hidden):
-        t_logits = head_logits(self.teacher_head, t_hidden.detach())
-        s_logits = head_logits(self.teacher_head, s2t_hidden)
+        """KD_t per row; with ``dskd_topk_vocab`` k > 0 over each row's teacher top-k ids,
+        whose projected-student logits are computed for those ids only."""
+        with torch.no_grad():
+            t_logits = head_logits(self.teacher_head, t_hidden)
         k = int(self.config.kd.dskd_topk_vocab)
         if 0 < k < t_logits.shape[-1]:
-            ids = t_logits.topk(k, dim=-1).indices
-            t_logits, s_logits = t_logits.gather(-1, ids), s_logits.gather(-1, ids)
-        return self._kd(s_logits, t_logits)
+            t_logits, ids = t_logits.topk(k, dim=-1)
+            return self._kd(head_logits(self.teacher_head, s2t_hidden, ids), t_logits)
+        return self._kd(head_logits(self.teacher_head, s2t_hidden), t_logits)
 
     def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                 normalizer: float) -> dict[str, torch.Tensor]:
