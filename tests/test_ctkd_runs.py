@@ -75,6 +75,24 @@ def test_prepare_stores_vocab_map_and_alignment(prepared):
             assert s_tok.decode(s_ids[p0 + 1:p1 + 1]) == t_tok.decode(t_ids[q0 + 1:q1 + 1])
 
 
+def test_prepare_rerun_restores_a_missing_vocab_map(prepared, base, tmp_path):
+    """A rerun is a no-op only while the vocabulary map is intact too."""
+    import shutil
+
+    from kubedistill.crosstok import VOCAB_MAP_FILE, VocabMap
+    from kubedistill.data.prepare import prepare
+
+    cfg, manifest = prepared
+    copy = tmp_path / "prepared"
+    shutil.copytree(cfg.prepared_path, copy)
+    again = make(base, prepared_path=str(copy))
+    assert prepare(again)["created_at"] == manifest["created_at"]  # intact: untouched
+    (copy / VOCAB_MAP_FILE).unlink()
+    rebuilt = prepare(again)
+    assert VocabMap.load(str(copy)).hash() == manifest["cross_tokenizer"]["vocab_map"]["hash"]
+    assert rebuilt["cross_tokenizer"]["vocab_map"] == manifest["cross_tokenizer"]["vocab_map"]
+
+
 def _log(cfg: Config) -> list[dict]:
     with open(os.path.join(cfg.storage.work_dir, "train", "train_log.jsonl")) as f:
         return [json.loads(line) for line in f if "train/loss" in line]

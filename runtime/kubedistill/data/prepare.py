@@ -246,4 +246,12 @@ def _up_to_date(out: str, fingerprint: str) -> dict[str, Any] | None:
         file_uri = storage.join(out, info["file"])
         if not storage.exists(file_uri) or storage.sha256_file(file_uri) != info["sha256"]:
             return None
+    vmap = (manifest.get("cross_tokenizer") or {}).get("vocab_map")
+    if vmap is not None:
+        from kubedistill.crosstok.vocab import VocabMap
+
+        uri = storage.join(out, vmap["file"])
+        if not storage.exists(uri) or VocabMap.from_bytes(
+                storage.read_bytes(uri)).hash() != vmap["hash"]:
+            return None
     return manifest
