@@ -70,3 +70,16 @@ def test_teacher_head_applies_softcap_and_scale():
     expected = torch.tanh((h @ w.T) * 0.5 / 2.0) * 2.0
     torch.testing.assert_close(head.logits(h), expected)
     assert head.logits(h).abs().max() <= 2.0
+
+
+def test_bf16_teacher_head_follows_in_place_updates():
+    """The float32 copy of a bf16 head is reused, and rebuilt when the weight changes in
+    place (the self-distillation teacher's head is updated with copy_)."""
+    head = TeacherHead(torch.randn(7, 4).to(torch.bfloat16))
+    h = torch.randn(3, 4)
+    first = head.logits(h)
+    assert head.weight32() is head.weight32()  # one copy while the weight is unchanged
+    torch.testing.assert_close(first, h @ head.weight.float().T)
+    head.weight.copy_(torch.randn(7, 4).to(torch.bfloat16))
+    torch.testing.assert_close(head.logits(h), h @ head.weight.float().T)
+    assert not torch.equal(head.logits(h), first)

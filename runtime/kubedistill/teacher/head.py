@@ -45,9 +45,20 @@ class TeacherHead(nn.Module):
                            None if self.bias is None else self.bias.index_select(0, idx),
                            self.scale, self.softcap)
 
+    def weight32(self) -> torch.Tensor:
+        """``weight`` in float32; for a bf16/fp16 head the copy is made once and reused until
+        the weight changes (another device, storage or in-place update)."""
+        w = self.weight
+        if w.dtype == torch.float32:
+            return w
+        key = (w.device, w.data_ptr(), w._version)
+        if getattr(self, "_w32_key", None) != key:
+            self._w32, self._w32_key = w.to(torch.float32), key
+        return self._w32
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Teacher logits for hidden states ``[..., d]`` -> ``[..., V]`` in float32."""
-        out = hidden.to(torch.float32) @ self.weight.to(torch.float32).T
+        out = hidden.to(torch.float32) @ self.weight32().T
         if self.bias is not None:
             out = out + self.bias.to(torch.float32)
         if self.scale != 1.0:
