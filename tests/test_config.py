@@ -1,5 +1,7 @@
 """Configuration: KDFlow names and defaults, typo suggestions, recipes, consistency checks."""
 
+from pathlib import Path
+
 import pytest
 
 from kubedistill.cli import main
@@ -100,3 +102,11 @@ def test_cli_exit_code_and_message_for_typo(capsys):
     assert "did you mean 'max_len'" in capsys.readouterr().err
     assert main(["prepare", "--max_len", "10", "--print_config"]) == 0
     assert "max_len: 10" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = load_config(recipe)
+    assert cfg.validate(cfg.train.num_gpus_per_node) is cfg
+    assert cfg.storage.work_dir.startswith("./runs/")
