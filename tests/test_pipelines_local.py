@@ -134,13 +134,17 @@ def test_off_policy_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_model_di
     assert (work / "pipeline.log").stat().st_size > 0
 
 
+@pytest.mark.parametrize("teacher, algorithm", [("tiny_teacher_dir", "vanilla_kd"),
+                                                ("qwen_tiny_teacher", "simple_ctkd")],
+                         ids=["same-tokenizer", "cross-tokenizer"])
 def test_on_policy_pipeline_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_model_dir,
-                                                      tiny_teacher_dir):
+                                                      request, teacher, algorithm):
     """on_policy_kd under kfp.local: prepare -> on-policy train (hf rollout + live hf
-    teacher, no cache) -> evaluate -> register -> promote, on tiny models."""
+    teacher, no cache) -> evaluate -> register -> promote, on tiny models; with a teacher
+    of the same tokenizer and with one of another tokenizer (the real Qwen2.5 one)."""
     work = tmp_path / "run"
     recipe = _recipe(tmp_path, {
-        "model": {"teacher_name_or_path": tiny_teacher_dir,
+        "model": {"teacher_name_or_path": request.getfixturevalue(teacher),
                   "student_name_or_path": tiny_model_dir, "attn_implementation": "sdpa"},
         "data": {"train_dataset_path": "packaged:gsm8k-train",
                  "eval_dataset_path": "packaged:gsm8k-eval", "input_key": "question",
@@ -148,7 +152,7 @@ def test_on_policy_pipeline_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_
                  "prompt_max_len": 192, "max_samples": 8, "eval_max_samples": 2},
         "train": {"num_gpus_per_node": 1, "device": "cpu", "train_batch_size": 4,
                   "micro_train_batch_size": 2, "learning_rate": 1e-3},
-        "kd": {"kd_loss_fn": "rkl", "kd_ratio": 1.0},
+        "kd": {"kd_algorithm": algorithm, "kd_loss_fn": "rkl", "kd_ratio": 1.0},
         "rollout": {"rollout_num_engines": 1, "rollout_batch_size": 4,
                     "generate_max_len": 6, "print_rollout_sample": 2},
         "eval": {"eval_task": "gsm8k", "eval_num_generations": 1, "eval_max_new_tokens": 4},
@@ -170,3 +174,6 @@ def test_on_policy_pipeline_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_
     reg = json.loads((work / "registry" / "registration.json").read_text())
     assert reg["name"] == "tiny-on-policy"
     assert json.loads((work / "registry" / "promotion.json").read_text())["promoted"] is True
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    assert metrics["eval_kl"] > 0 and metrics["eval_kl_space"] == (
+        "shared_vocab_aligned" if algorithm == "simple_ctkd" else "full_vocab")
