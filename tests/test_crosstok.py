@@ -262,7 +262,7 @@ def test_real_bridge_retokenizes_rollouts_for_the_teacher(real_pair, texts):
         t_resp = bridge.retokenize(response)
         assert t.decode(t_resp) == s.decode(response)
         assert (t_resp[-1] == eos_t) == (k % 2 == 0)
-        pairs = bridge.align(len(sp), response, len(tp), t_resp)
+        pairs = bridge.align([len(sp)], [response], [len(tp)], [t_resp])[0]
         assert pairs[0].tolist() == [len(sp) - 1, len(tp) - 1]
         s_seq, t_seq = sp + response, tp + t_resp
         for p, q in pairs[1:]:

@@ -21,7 +21,7 @@ from _procs import kill_at_first_checkpoint
 
 from kubedistill.config import Config
 from kubedistill.rollout.engine import Sample, finish
-from kubedistill.train.on_policy_data import rollout_split, sample_arrays, teacher_request
+from kubedistill.train.on_policy_data import rollout_split, sample_arrays, teacher_requests
 
 N_PROMPTS = 12
 
@@ -130,7 +130,7 @@ def test_truncated_sample_has_no_eos_and_mask_covers_the_sampled_tokens():
     assert sample_arrays(stop) == ([11, 12, 31, 2], [0, 0, 1, 1])
     split = rollout_split(["a", "b"], [trunc, stop])
     assert split.loss_tokens.tolist() == [4, 2]
-    req = teacher_request(trunc, [7, 8, 11, 12, 13])
+    req = teacher_requests([trunc], [[7, 8, 11, 12, 13]])[0]
     assert req.tokens == [7, 8, 11, 12, 13, 21, 22, 23, 24] and req.positions == [4, 5, 6, 7]
     assert [req.tokens[p + 1] for p in req.positions] == trunc.response_ids
     assert req.keys == [2, 3, 4, 5] and req.pairs is None  # filed under the student's positions

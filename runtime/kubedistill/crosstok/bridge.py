@@ -10,7 +10,7 @@ same text in its own ids. :class:`TokenizerBridge` re-tokenizes a response span 
   them with (same content, else same role: eos <-> eos, end-of-turn <-> end-of-turn), else
   their content encoded as text.
 
-:meth:`TokenizerBridge.align` then pairs the positions of the two sequences
+:meth:`TokenizerBridge.align` then pairs the positions of the two sequences of each rollout
 (:func:`~kubedistill.crosstok.align.align_continuation`).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from kubedistill.crosstok.align import align_continuation
+from kubedistill.crosstok.align import align_rollouts
 from kubedistill.crosstok.vocab import TokenTable, VocabMap, token_table
 
 
@@ -53,8 +53,10 @@ class TokenizerBridge:
         text = self.student.text(ids).decode("utf-8", errors="replace")
         return list(self.teacher_tokenizer.encode(text, add_special_tokens=False))
 
-    def align(self, student_prompt_len: int, student_response: Sequence[int],
-              teacher_prompt_len: int, teacher_response: Sequence[int]) -> np.ndarray:
-        """``[M, 2]`` (student_pos, teacher_pos) pairs of prompt + response sequences."""
-        return align_continuation(student_prompt_len, student_response, teacher_prompt_len,
-                                  teacher_response, self.student, self.teacher)
+    def align(self, student_prompt_lens: Sequence[int],
+              student_responses: Sequence[Sequence[int]], teacher_prompt_lens: Sequence[int],
+              teacher_responses: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per rollout, the ``[M, 2]`` (student_pos, teacher_pos) pairs of the prompt +
+        response sequences (:func:`~kubedistill.crosstok.align.align_rollouts`)."""
+        return align_rollouts(student_prompt_lens, student_responses, teacher_prompt_lens,
+                              teacher_responses, self.student, self.teacher)

@@ -69,7 +69,7 @@ from kubedistill.train.on_policy_data import (
     load_prompts,
     rollout_split,
     rollout_teacher,
-    teacher_request,
+    teacher_requests,
 )
 from kubedistill.train.self_distill import SelfDistillTeacher
 from kubedistill.train.student import resolve_student
@@ -265,8 +265,9 @@ class OnPolicyTrainer(Trainer):
             start = time.perf_counter()
             self.colocation.sleep(self.rollout_engine)
             self.colocation.wake(self.teacher_engine)
-            requests = [teacher_request(s, self.prompts.teacher_prompts[chosen[s.prompt_index]],
-                                        self.bridge) for s in samples]
+            requests = teacher_requests(
+                samples, [self.prompts.teacher_prompts[chosen[s.prompt_index]] for s in samples],
+                self.bridge)
             hidden = self.teacher_engine.final_states([q.tokens for q in requests],
                                                       [q.positions for q in requests])
             self.colocation.sleep(self.teacher_engine)

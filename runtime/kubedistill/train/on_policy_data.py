@@ -104,21 +104,28 @@ class TeacherRequest:
     pairs: np.ndarray | None = None
 
 
-def teacher_request(sample: Sample, teacher_prompt: list[int],
-                    bridge: TokenizerBridge | None = None) -> TeacherRequest:
-    """The teacher's view of a rollout; with a ``bridge`` (a teacher with another
-    tokenizer) the response is re-tokenized and aligned
+def teacher_requests(samples: list[Sample], teacher_prompts: list[list[int]],
+                     bridge: TokenizerBridge | None = None) -> list[TeacherRequest]:
+    """The teacher's view of each rollout (``teacher_prompts[i]`` is sample ``i``'s teacher
+    prompt). With a ``bridge`` (a teacher with another tokenizer) the responses are
+    re-tokenized and the batch is aligned
     (:class:`~kubedistill.crosstok.bridge.TokenizerBridge`)."""
-    response = list(sample.response_ids) if bridge is None else \
-        bridge.retokenize(sample.response_ids)
-    q, m = len(teacher_prompt), len(response)
-    positions = list(range(q - 1, q - 1 + m))
-    if bridge is None:
-        p = len(sample.prompt_ids)
-        return TeacherRequest(list(teacher_prompt) + response, positions,
-                              list(range(p - 1, p - 1 + m)))
-    pairs = bridge.align(len(sample.prompt_ids), sample.response_ids, q, response)
-    return TeacherRequest(list(teacher_prompt) + response, positions, positions, pairs)
+    responses = [list(s.response_ids) if bridge is None else bridge.retokenize(s.response_ids)
+                 for s in samples]
+    pairs: list = [None] * len(samples)
+    if bridge is not None:
+        pairs = bridge.align([len(s.prompt_ids) for s in samples],
+                             [s.response_ids for s in samples],
+                             [len(q) for q in teacher_prompts], responses)
+    out = []
+    for s, prompt, response, pair in zip(samples, teacher_prompts, responses, pairs,
+                                         strict=True):
+        q, m = len(prompt), len(response)
+        positions = list(range(q - 1, q - 1 + m))
+        p = len(s.prompt_ids)
+        keys = positions if bridge is not None else list(range(p - 1, p - 1 + m))
+        out.append(TeacherRequest(list(prompt) + response, positions, keys, pair))
+    return out
 
 
 @dataclass
