@@ -30,6 +30,7 @@ class TokenizerBridge:
         self.student: TokenTable = token_table(student_tokenizer)
         self.teacher: TokenTable = token_table(teacher_tokenizer)
         self.teacher_tokenizer = teacher_tokenizer
+        self.vocab_map = vocab_map
         self.special = {s: t for s, t in zip(vocab_map.student_ids.tolist(),
                                              vocab_map.teacher_ids.tolist(), strict=True)
                         if self.student.special[s]}
