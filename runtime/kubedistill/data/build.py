@@ -15,6 +15,12 @@ teacher keeps as many tokens after its prompt as the student does, so targets st
 
 Bad rows: each is reported once as ``{split, source, file, row, id, field, reason}``; with
 ``on_bad_row: fail`` the first one raises DataError naming file, row and field instead.
+
+Accumulated state (bad rows, length counters, filtered ids, the largest student token id,
+alignment counters) can be moved between builders: :meth:`SampleBuilder.export_state` hands
+it out (and resets), :meth:`SampleBuilder.merge_state` appends it, so building consecutive
+chunks of rows in separate builders and merging their states in chunk order leaves exactly
+the state one builder would have after building all of them (:mod:`kubedistill.data.parallel`).
 """
 
 from __future__ import annotations
@@ -54,17 +60,40 @@ class SampleBuilder:
             if self.teacher_reason:
                 self.teacher = (self.student if pair.teacher is pair.student
                                 else ChatEncoder(pair.teacher, **options))
-        self.bad: list[dict[str, Any]] = []
-        self.length: dict[str, Counter] = {"train": Counter(), "eval": Counter()}
-        self.filtered_ids: list[str] = []
-        self.max_student_id = -1
+        self._reset_state()
         # cross-tokenizer alignment (different vocabularies): token byte tables of both sides
         self.ct_tables = None
         if self.teacher is not None and pair.teacher is not None and not self.same_vocab:
             from kubedistill.crosstok.vocab import token_table
 
             self.ct_tables = (token_table(pair.student), token_table(pair.teacher))
-        self.ct_counts = {"train": Counter(), "eval": Counter()}
+
+    # ---- accumulated state ---------------------------------------------------------------
+    def _reset_state(self) -> None:
+        self.bad: list[dict[str, Any]] = []
+        self.length: dict[str, Counter] = {"train": Counter(), "eval": Counter()}
+        self.filtered_ids: list[str] = []
+        self.max_student_id = -1
+        self.ct_counts: dict[str, Counter] = {"train": Counter(), "eval": Counter()}
+
+    def export_state(self) -> dict[str, Any]:
+        """The accumulated state (picklable), handed over: this builder starts afresh."""
+        state = {"bad": self.bad, "length": self.length, "filtered_ids": self.filtered_ids,
+                 "max_student_id": self.max_student_id, "ct_counts": self.ct_counts}
+        self._reset_state()
+        return state
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        """Append ``state`` (from :meth:`export_state` of a builder that built the rows
+        after this one's) as if this builder had built those rows itself: bad rows in
+        order, counters added (keys in first-seen order), filtered ids up to MAX_LISTED."""
+        self.bad.extend(state["bad"])
+        for mine, theirs in ((self.length, state["length"]), (self.ct_counts, state["ct_counts"])):
+            for split, counts in theirs.items():
+                mine.setdefault(split, Counter()).update(counts)
+        room = max(0, MAX_LISTED - len(self.filtered_ids))
+        self.filtered_ids.extend(state["filtered_ids"][:room])
+        self.max_student_id = max(self.max_student_id, state["max_student_id"])
 
     # ---- bad rows ----------------------------------------------------------------------
     def report_bad(self, source: Source, record: Record, field: str | None, reason: str,
@@ -121,7 +150,7 @@ class SampleBuilder:
             if len(self.filtered_ids) < MAX_LISTED:
                 self.filtered_ids.append(sample_id)
             return None
-        for event in set(events):
+        for event in dict.fromkeys(events):  # once each, in order (deterministic key order)
             self.length[split][event] += 1
         self.length[split]["kept"] += 1
         self.max_student_id = max(self.max_student_id, max(ids))

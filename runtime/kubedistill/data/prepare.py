@@ -18,7 +18,9 @@
 An empty train split, or an ``eval_dataset_path`` that yields nothing, is a DataError. Bad
 rows and length counts are kept per *input role* (``train`` inputs, ``eval`` inputs): rows
 split off the train inputs into eval are counted under ``train``.
-Rows are processed in one process; ``preprocess_num_workers`` is accepted and not used.
+Rows are built in ``preprocess_num_workers`` processes when there are enough of them
+(:mod:`kubedistill.data.parallel`); the output does not depend on the worker count, which is
+therefore not part of the fingerprint (a rerun with another count is a no-op).
 """
 
 from __future__ import annotations
@@ -30,19 +32,19 @@ import logging
 from collections import Counter
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from kubedistill import storage
 from kubedistill.config import Config, split_list
 from kubedistill.data import prepared
 from kubedistill.data.build import MAX_LISTED, SampleBuilder
 from kubedistill.data.formats import list_files, read_source
+from kubedistill.data.parallel import RowBuilder
 from kubedistill.data.preflight import load_pair
 from kubedistill.data.selection import mixture_plan, split_indices
 from kubedistill.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-_UNUSED = ("preprocess_num_workers", "packing_samples")  # data keys that do not change output
+# data keys that do not change the prepared output: left out of the fingerprint
+_OUTPUT_NEUTRAL = ("preprocess_num_workers", "packing_samples")
 
 
 def prepare(cfg: Config) -> dict[str, Any]:
@@ -69,16 +71,17 @@ def prepare(cfg: Config) -> dict[str, Any]:
     sources = _read_all(train_refs, data.train_split, "train", builder)
     plan, mixture = mixture_plan([len(v) for _, v in sources], probs, data.max_samples,
                                  cfg.train.seed)
-    pool, used = [], Counter()
-    for d, i, rep in tqdm(plan, desc="prepare: tokenize train", unit="row", mininterval=1.0):
-        source, records = sources[d]
-        row = builder.build(source, records[i], "train", f"~{rep}" if rep else "")
-        if row is not None:
-            pool.append(row)
-            used[("train", d)] += 1
+    used: Counter = Counter()
     eval_sources: list = []
+    with RowBuilder(cfg, builder) as rows_of:
+        items = [(sources[d][0], sources[d][1][i], f"~{rep}" if rep else "", d)
+                 for d, i, rep in plan]
+        built = rows_of.build(items, "train", desc="prepare: tokenize train")
+        used.update(("train", d) for d, _ in built)
+        pool = [row for _, row in built]
+        if eval_refs:
+            eval_rows, eval_sources = _eval_rows(eval_refs, cfg, builder, rows_of, used)
     if eval_refs:
-        eval_rows, eval_sources = _eval_rows(eval_refs, cfg, builder, used)
         train_rows = pool
         if not eval_rows:
             raise DataError(f"eval_dataset_path {data.eval_dataset_path}: no usable rows "
@@ -177,22 +180,16 @@ def _read_all(refs: list[str], split_name: str, role: str, builder: SampleBuilde
     return out
 
 
-def _eval_rows(refs: list[str], cfg: Config, builder: SampleBuilder, used: Counter) -> tuple:
+def _eval_rows(refs: list[str], cfg: Config, builder: SampleBuilder, rows_of: RowBuilder,
+               used: Counter) -> tuple:
     """The first ``eval_max_samples`` usable rows of the eval datasets, in order."""
     sources = _read_all(refs, cfg.data.eval_split, "eval", builder)
-    rows: list[dict[str, Any]] = []
-    limit = cfg.data.eval_max_samples
-    with tqdm(total=limit, desc="prepare: tokenize eval", unit="row", mininterval=1.0) as bar:
-        for d, (source, records) in enumerate(sources):
-            for record in records:
-                if len(rows) >= limit:
-                    return rows, sources
-                row = builder.build(source, record, "eval")
-                if row is not None:
-                    rows.append(row)
-                    used[("eval", d)] += 1
-                    bar.update()
-    return rows, sources
+    items = [(source, record, "", d)
+             for d, (source, records) in enumerate(sources) for record in records]
+    built = rows_of.build(items, "eval", limit=cfg.data.eval_max_samples,
+                          desc="prepare: tokenize eval")
+    used.update(("eval", d) for d, _ in built)
+    return [row for _, row in built], sources
 
 
 def _input_entry(source, role: str, used: int, builder: SampleBuilder) -> dict[str, Any]:
@@ -209,7 +206,7 @@ def _reason_kind(bad: dict[str, Any]) -> str:
 def _relevant_config(cfg: Config) -> dict[str, Any]:
     """The configuration the prepared data depends on (part of the fingerprint)."""
     m = cfg.model
-    return {"data": {k: v for k, v in cfg.to_dict()["data"].items() if k not in _UNUSED},
+    return {"data": {k: v for k, v in cfg.to_dict()["data"].items() if k not in _OUTPUT_NEUTRAL},
             "student_name_or_path": m.student_name_or_path,
             "teacher_name_or_path": m.teacher_name_or_path, "enable_thinking": m.enable_thinking,
             "disable_fast_tokenizer": m.disable_fast_tokenizer,
