@@ -38,6 +38,24 @@ def local_work_dir(cfg: Config) -> str:
     return os.path.join(tempfile.gettempdir(), "kubedistill-work", tag)
 
 
+def _pdeathsig_setter() -> Callable[[], None] | None:
+    """Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, resolved here in the parent: between fork
+    and exec (``preexec_fn``) the child must not import or take locks."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    prctl, pr_set_pdeathsig, sigterm = ctypes.CDLL(None).prctl, 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
+#: ``preexec_fn`` for children that must die with the launching process, however it dies, so
+#: a killed stage never leaves torchrun and its workers running (holding GPUs) behind;
+#: torchrun forwards the SIGTERM to its workers. None where Linux's prctl is not available.
+die_with_parent = _pdeathsig_setter()
+
+
 def torchrun_command(cfg: Config, config_file: str) -> list[str]:
     t = cfg.train
     cmd = [sys.executable, "-m", "torch.distributed.run",
@@ -70,7 +88,7 @@ def train(cfg: Config, tracker_factory: Callable | None = None) -> str:
         f.write(cfg.to_yaml())
     cmd = torchrun_command(cfg, config_file)
     log.info("launching: %s", " ".join(cmd))
-    rc = subprocess.call(cmd)
+    rc = subprocess.call(cmd, preexec_fn=die_with_parent)
     if rc != 0:
         raise KubedistillError(f"training failed: torchrun exited with code {rc} "
                                "(the worker's error is printed above)")
