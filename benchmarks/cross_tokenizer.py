@@ -52,10 +52,7 @@ def base_config(args, work: str, student: str) -> dict:
 
 
 def make(values: dict) -> Config:
-    cfg = Config()
-    for k, v in values.items():
-        cfg.set(k, v)
-    return cfg
+    return Config().update(values)
 
 
 @torch.no_grad()

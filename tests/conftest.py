@@ -78,6 +78,33 @@ def qwen_tiny_teacher(qwen_dir, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def wordlevel_tokenizer_dir(tmp_path_factory) -> str:
+    """A tiny word-level tokenizer with its own chat template: a vocabulary other than
+    SmolLM2's (trained on synthetic sums and the first 50 GSM8K demo rows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kubedistill.data.demo import resolve_packaged
+
+    with open(resolve_packaged("gsm8k-train"), encoding="utf-8") as f:
+        demo = [next(f) for _ in range(50)]
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = [" ".join(f"q{i}: what is {i} plus {i}? It is {2 * i}." for i in range(20)),
+             " ".join(demo), "user assistant :"]
+    raw.train_from_iterator(words, trainers.WordLevelTrainer(
+        special_tokens=["[UNK]", "[BOS]", "[EOS]", "[PAD]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="[BOS]", eos_token="[EOS]",
+                                  pad_token="[PAD]", unk_token="[UNK]")
+    tok.chat_template = ("{% for m in messages %}[BOS] {{ m['role'] }} : {{ m['content'] }} "
+                         "[EOS] {% endfor %}{% if add_generation_prompt %}[BOS] assistant : "
+                         "{% endif %}")
+    out = str(tmp_path_factory.mktemp("wordlevel"))
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_teacher_dir(smollm2_dir, tmp_path_factory) -> str:
     """A wider tiny Llama (hidden 96, 3 layers), distinct weights, same tokenizer."""
     from kubedistill.models.tiny import build_tiny_model

@@ -35,10 +35,7 @@ def base(tiny_model_dir, qwen_tiny_teacher, tmp_path_factory) -> dict:
 
 
 def make(base: dict, **over) -> Config:
-    cfg = Config()
-    for k, v in dict(base, **over).items():
-        cfg.set(k, v)
-    return cfg
+    return Config().update(dict(base, **over))
 
 
 @pytest.fixture(scope="module")

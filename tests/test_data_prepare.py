@@ -48,28 +48,6 @@ def tok(smollm2_dir):
     return load_tokenizer(smollm2_dir)
 
 
-@pytest.fixture(scope="module")
-def other_tokenizer_dir(tmp_path_factory) -> str:
-    """A tiny word-level tokenizer with its own chat template: a different vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    words = [" ".join(f"q{i}: what is {i} plus {i}? It is {2 * i}." for i in range(20)),
-             "user assistant :"]
-    raw.train_from_iterator(words, trainers.WordLevelTrainer(
-        special_tokens=["[UNK]", "[BOS]", "[EOS]", "[PAD]"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="[BOS]", eos_token="[EOS]",
-                                  pad_token="[PAD]", unk_token="[UNK]")
-    tok.chat_template = ("{% for m in messages %}[BOS] {{ m['role'] }} : {{ m['content'] }} "
-                         "[EOS] {% endfor %}{% if add_generation_prompt %}[BOS] assistant : "
-                         "{% endif %}")
-    out = str(tmp_path_factory.mktemp("wordlevel"))
-    tok.save_pretrained(out)
-    return out
-
-
 def test_bad_rows_are_skipped_and_reported(tmp_path, smollm2_dir):
     lines = [json.dumps(r) for r in rows(100)]
     lines[6] = '{"question": "broken JSON", "answer": '  # line 7
@@ -241,9 +219,9 @@ def test_empty_result_is_a_data_error(tmp_path, smollm2_dir):
 
 
 def test_preflight_refuses_vanilla_kd_across_tokenizers(tmp_path, smollm2_dir,
-                                                        other_tokenizer_dir, tok):
+                                                        wordlevel_tokenizer_dir, tok):
     data = write_jsonl(tmp_path / "d.jsonl", rows(10))
-    cfg = make_cfg(tmp_path, smollm2_dir, data, student_name_or_path=other_tokenizer_dir,
+    cfg = make_cfg(tmp_path, smollm2_dir, data, student_name_or_path=wordlevel_tokenizer_dir,
                    kd_algorithm="vanilla_kd", eval_ratio=0)
     with pytest.raises(ConfigError, match="simple_ctkd.*dskd"):
         prepare(cfg)

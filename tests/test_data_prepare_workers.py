@@ -156,31 +156,11 @@ def test_rerun_with_another_worker_count_is_a_noop(tmp_path, smollm2_dir, force_
     assert "preprocess_num_workers" not in first["config"]["data"]
 
 
-@pytest.fixture(scope="module")
-def wordlevel_dir(tmp_path_factory) -> str:
-    """A tiny word-level tokenizer with its own chat template: another vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.train_from_iterator([" ".join(demo_lines()[:50]), "user assistant :"],
-                            trainers.WordLevelTrainer(special_tokens=["[UNK]", "[BOS]", "[EOS]"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="[BOS]", eos_token="[EOS]",
-                                  pad_token="[EOS]", unk_token="[UNK]")
-    tok.chat_template = ("{% for m in messages %}[BOS] {{ m['role'] }} : {{ m['content'] }} "
-                         "[EOS] {% endfor %}{% if add_generation_prompt %}[BOS] assistant : "
-                         "{% endif %}")
-    out = str(tmp_path_factory.mktemp("wordlevel"))
-    tok.save_pretrained(out)
-    return out
-
-
-def test_cross_tokenizer_counts_and_teacher_columns_merge(tmp_path, smollm2_dir, wordlevel_dir,
+def test_cross_tokenizer_counts_and_teacher_columns_merge(tmp_path, smollm2_dir, wordlevel_tokenizer_dir,
                                                           force_parallel):
     train = write_lines(tmp_path / "train.jsonl", with_bad_rows(demo_lines()[:100], {
         30: {"question": "no answer", "label": "1"}}))
-    over = {"train_dataset_path": train, "student_name_or_path": wordlevel_dir,
+    over = {"train_dataset_path": train, "student_name_or_path": wordlevel_tokenizer_dir,
             "kd_algorithm": "simple_ctkd", "max_len": 300, "eval_ratio": 0.1}
     first = prepare(make_cfg(tmp_path, smollm2_dir, "one", 1, **over))
     two = make_cfg(tmp_path, smollm2_dir, "two", 2, **over)

@@ -136,10 +136,7 @@ def test_alignment_must_name_target_positions():
 
 
 def make(base: dict, **over) -> Config:
-    cfg = Config()
-    for k, v in dict(base, **over).items():
-        cfg.set(k, v)
-    return cfg
+    return Config().update(dict(base, **over))
 
 
 @pytest.fixture(scope="module")

@@ -73,13 +73,19 @@ def test_teacher_head_applies_softcap_and_scale():
 
 
 def test_bf16_teacher_head_follows_in_place_updates():
-    """The float32 copy of a bf16 head is reused, and rebuilt when the weight changes in
-    place (the self-distillation teacher's head is updated with copy_)."""
+    """The float32 copy of a bf16 head and a vocabulary-restricted head are reused, and
+    rebuilt when the weight changes in place (the self-distillation teacher's head is
+    updated with copy_)."""
     head = TeacherHead(torch.randn(7, 4).to(torch.bfloat16))
     h = torch.randn(3, 4)
     first = head.logits(h)
     assert head.weight32() is head.weight32()  # one copy while the weight is unchanged
     torch.testing.assert_close(first, h @ head.weight.float().T)
+    ids = torch.tensor([5, 0, 3])
+    sub = head.select(ids)
+    assert head.select(ids) is sub and "_selected" not in dict(head.named_modules())
+    torch.testing.assert_close(sub.logits(h), first[:, ids])
     head.weight.copy_(torch.randn(7, 4).to(torch.bfloat16))
     torch.testing.assert_close(head.logits(h), h @ head.weight.float().T)
     assert not torch.equal(head.logits(h), first)
+    torch.testing.assert_close(head.select(ids).logits(h), head.logits(h)[:, ids])

@@ -49,14 +49,10 @@ class SimpleCTKD(Algorithm):
         vmap = vocab_map if vocab_map is not None else (
             load_vocab_map(config) if config.kd.kd_ratio > 0 else None)
         self._map = None if vmap is None else (vmap.student_ids, vmap.teacher_ids)
-        self._sub_head = None
 
     def sub_head(self, device: torch.device):
-        """The teacher head restricted to the mapped teacher ids (built once)."""
-        if self._sub_head is None or self._sub_head.weight.device != device:
-            sub = self.teacher_head.select(self._map[1]).to(device)
-            object.__setattr__(self, "_sub_head", sub)  # not a submodule: no state, no FSDP
-        return self._sub_head
+        """The teacher head restricted to the mapped teacher ids (built once by the head)."""
+        return self.teacher_head.select(self._map[1]).to(device)
 
     def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                 normalizer: float) -> dict[str, torch.Tensor]:

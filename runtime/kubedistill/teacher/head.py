@@ -37,24 +37,33 @@ class TeacherHead(nn.Module):
     def hidden_size(self) -> int:
         return self.weight.shape[1]
 
+    def _weight_key(self) -> tuple:
+        """Changes whenever ``weight`` does (another device, storage or in-place update)."""
+        w = self.weight
+        return w.device, w.data_ptr(), _version(w)
+
     def select(self, ids: torch.Tensor) -> TeacherHead:
         """The head restricted to the vocabulary ``ids`` (in that order): its logits are the
-        columns ``ids`` of :meth:`logits`."""
-        idx = ids.to(self.weight.device)
-        return TeacherHead(self.weight.index_select(0, idx),
-                           None if self.bias is None else self.bias.index_select(0, idx),
-                           self.scale, self.softcap)
+        columns ``ids`` of :meth:`logits`. Built once per ``ids`` and reused until the weight
+        changes (not a submodule: no state, no FSDP wrapping)."""
+        key = (self._weight_key(), ids.data_ptr(), _version(ids), tuple(ids.shape))
+        if self.__dict__.get("_selected_key") != key:
+            idx = ids.to(self.weight.device)
+            head = TeacherHead(self.weight.index_select(0, idx),
+                               None if self.bias is None else self.bias.index_select(0, idx),
+                               self.scale, self.softcap)
+            self.__dict__.update(_selected=head, _selected_key=key)
+        return self.__dict__["_selected"]
 
     def weight32(self) -> torch.Tensor:
         """``weight`` in float32; for a bf16/fp16 head the copy is made once and reused until
-        the weight changes (another device, storage or in-place update)."""
-        w = self.weight
-        if w.dtype == torch.float32:
-            return w
-        key = (w.device, w.data_ptr(), w._version)
-        if getattr(self, "_w32_key", None) != key:
-            self._w32, self._w32_key = w.to(torch.float32), key
-        return self._w32
+        the weight changes."""
+        if self.weight.dtype == torch.float32:
+            return self.weight
+        key = self._weight_key()
+        if self.__dict__.get("_w32_key") != key:
+            self.__dict__.update(_w32=self.weight.to(torch.float32), _w32_key=key)
+        return self.__dict__["_w32"]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Teacher logits for hidden states ``[..., d]`` -> ``[..., V]`` in float32."""
@@ -101,6 +110,11 @@ class TeacherHead(nn.Module):
         tensors = load_safetensors(storage.read_bytes(storage.join(uri_dir, "lm_head.safetensors")))
         meta = json.loads(storage.read_bytes(storage.join(uri_dir, "head.json")))
         return cls(tensors["weight"], tensors.get("bias"), meta["scale"], meta["softcap"])
+
+
+def _version(t: torch.Tensor) -> int:
+    """The in-place update counter (inference-mode tensors have none: -1)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _scale_softcap(config) -> tuple[float, float | None]:
