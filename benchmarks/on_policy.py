@@ -119,7 +119,7 @@ def main() -> None:
         "micro_train_batch_size": 4, "learning_rate": args.lr, "min_lr": args.lr / 10,
         "max_steps": args.iterations, "save_steps": -1, "rollout_backend": "hf",
         "teacher_backend": "hf", "device": "cpu", "tracking_uri": "off",
-        "print_rollout_sample": 2})
+        "print_rollout_sample": True})
     from kubedistill.data.prepare import prepare
     from kubedistill.train.on_policy import cross_tokenizer_map
 

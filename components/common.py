@@ -7,7 +7,8 @@ they import this module instead (it is installed in the runtime image as
 Contracts:
 - :func:`build_config` makes the same ``Config`` in every component of a pipeline run:
   defaults <- recipe YAML text <- overrides JSON <- ``work_dir`` <- ``pinned`` JSON (values a
-  pipeline fixes, e.g. ``kd_algorithm: sft``), then ``validate()``. Relative
+  pipeline fixes, e.g. ``kd_algorithm: sft``), KDFlow's alias flags mapped
+  (:mod:`kubedistill.kdflow_flags`), then ``validate()``. Relative
   ``save_path``/``ckpt_path`` mean nothing in a pod, so they become ``{work_dir}/model`` and
   ``{work_dir}/checkpoints`` (absolute paths and URIs are kept).
 - :func:`run_stage` prints one progress line before and one after the stage, each
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from kubedistill import kdflow_flags
 from kubedistill.config import Config
 from kubedistill.errors import ConfigError
 
@@ -74,7 +76,7 @@ def build_config(recipe: str, overrides: str = "", work_dir: str = "",
     cfg.update(_loads(pinned, "pinned JSON"))
     if parent_run_id:
         cfg.tracking.parent_run_id = parent_run_id
-    return cfg.validate()
+    return kdflow_flags.apply(cfg).validate()
 
 
 def emit(stage: str, event: str, **fields: Any) -> None:

@@ -8,10 +8,13 @@ key[=value]:Effect`` and ``--node-selector key=value`` (GPU stages, repeatable),
 KEY=VALUE`` (plain env on every task; how a kind dev cluster's MinIO credentials reach the
 pods, since target kind uses no Secrets).
 
-submit: ``--host URL --recipe R`` compiles (``--pipeline``, ``--target``, default
-off_policy_kd / gpu) and starts a run with ``kfp.Client(host).create_run_from_pipeline_package``
-with arguments recipe (file text), overrides (``{"name": <recipe stem>}`` plus ``--set
-key=value``), work_dir, num_shards. ``--wait`` waits (``--timeout`` seconds) and exits 0
+submit: ``--host URL [--recipe R] [KDFlow flags...]`` compiles (``--pipeline``,
+``--target``, default off_policy_kd / gpu) and starts a run with
+``kfp.Client(host).create_run_from_pipeline_package`` with arguments recipe (file text, or
+'' without one), overrides (``{"name": ...}`` plus every config flag in KDFlow's spelling,
+``--kd_ratio 0.3 --use_wandb True ...`` as :mod:`kubedistill.cli.kdflow` reads them, plus
+``--set key=value``), work_dir, num_shards; the flags are validated before anything is
+compiled. Relative paths stay relative: in a pod they mean ``{work_dir}/...``. ``--wait`` waits (``--timeout`` seconds) and exits 0
 only when the run SUCCEEDED.
 """
 
@@ -23,8 +26,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
-from kubedistill.config import parse_overrides
 
 
 def _toleration(text: str) -> dict:
@@ -65,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: gpu (with --all: both)")
     comp.add_argument("--out", required=True, help="output folder")
     _target_args(comp)
-    subm = sub.add_parser("submit", help="compile and start a run on a KFP server")
+    subm = sub.add_parser("submit", help="compile and start a run on a KFP server; any "
+                          "other --flag is a config key (KDFlow's flags included)",
+                          allow_abbrev=False)
     subm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8888")
-    subm.add_argument("--recipe", required=True)
+    subm.add_argument("--recipe", default=None)
     subm.add_argument("--pipeline", choices=PIPELINES, default="off_policy_kd")
     subm.add_argument("--target", choices=list(TARGETS), default="gpu")
     subm.add_argument("--work-dir", default="", help="storage URI of the run (s3://...)")
@@ -107,14 +110,21 @@ def compile_pipeline(name: str, target, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def run_arguments(recipe: str, work_dir: str = "", num_shards: int = 1,
-                  sets: list[str] | None = None) -> dict:
-    """The pipeline arguments for a recipe file (see the module docstring)."""
-    overrides: dict = {"name": Path(recipe).stem}
-    pairs = [f"--{s}" if "=" in s else s for s in (sets or [])]
-    overrides.update(parse_overrides(pairs))
-    return {"recipe": Path(recipe).read_text(), "overrides": json.dumps(overrides),
-            "work_dir": work_dir, "num_shards": num_shards}
+def run_arguments(recipe: str | None, work_dir: str = "", num_shards: int = 1,
+                  sets: list[str] | None = None, flags: list[str] | None = None,
+                  pipeline: str = "off_policy_kd") -> dict:
+    """The pipeline arguments for a recipe file and/or KDFlow-style ``flags`` (see the
+    module docstring); raises ConfigError on a bad flag."""
+    from kubedistill.cli.kdflow import kdflow_overrides
+    from kubedistill.config import load_config
+
+    pairs = list(flags or []) + [f"--{s}" if "=" in s else s for s in (sets or [])]
+    overrides: dict = {"name": Path(recipe).stem} if recipe else {}
+    overrides.update(kdflow_overrides(pairs, recipe, localize=False, pipeline=pipeline))
+    load_config(recipe, overrides)  # fail before compiling
+    return {"recipe": Path(recipe).read_text() if recipe else "",
+            "overrides": json.dumps(overrides), "work_dir": work_dir,
+            "num_shards": num_shards}
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -129,11 +139,13 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit(args: argparse.Namespace, client_factory=None) -> int:
+def _submit(args: argparse.Namespace, client_factory=None, flags: list[str] | None = None,
+            ) -> int:
     import kfp
 
+    arguments = run_arguments(args.recipe, args.work_dir, args.num_shards, args.set, flags,
+                              args.pipeline)
     client = (client_factory or kfp.Client)(host=args.host)
-    arguments = run_arguments(args.recipe, args.work_dir, args.num_shards, args.set)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.pipeline, _target(args, args.target), tmp)
         result = client.create_run_from_pipeline_package(
@@ -150,5 +162,10 @@ def _submit(args: argparse.Namespace, client_factory=None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    return _compile(args) if args.action == "compile" else _submit(args)
+    parser = build_parser()
+    args, flags = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if args.action == "compile":
+        if flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags)}")
+        return _compile(args)
+    return _submit(args, flags=flags)

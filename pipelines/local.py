@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(recipe: str, overrides: dict[str, Any] | None = None,
+def run(recipe: str | None, overrides: dict[str, Any] | None = None,
         pipeline: str = "off_policy_kd", out=None) -> tuple[bool, Path]:
-    """Run ``pipeline`` for ``recipe`` under kfp.local; return (succeeded, run_dir)."""
+    """Run ``pipeline`` for ``recipe`` (None: the overrides alone, as KDFlow's entry points
+    pass them) under kfp.local; return (succeeded, run_dir)."""
     from kfp import local
 
     from kubedistill.components.common import build_config
@@ -174,11 +175,11 @@ def run(recipe: str, overrides: dict[str, Any] | None = None,
     from kubedistill.pipelines.targets import get_target
 
     out = out or sys.stdout
-    overrides = {"name": Path(recipe).stem, **(overrides or {})}
+    overrides = {"name": Path(recipe).stem if recipe else "default", **(overrides or {})}
     cfg = load_config(recipe, overrides)  # fail fast on a bad recipe, before kfp starts
     run_dir = Path(cfg.storage.work_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_text = Path(recipe).read_text()
+    recipe_text = Path(recipe).read_text() if recipe else ""
     cfg = build_config(recipe_text, json.dumps(overrides), str(run_dir))
     log_path = run_dir / "pipeline.log"
     out.write(f"kubedistill run {cfg.name}: pipeline {pipeline}, run dir {run_dir}\n"

@@ -151,7 +151,7 @@ def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm):
     cfg = make(base, kd_algorithm=algorithm, dskd_token_align="eta", rollout_num_engines=1,
                rollout_backend="hf", rollout_batch_size=2, n_samples_per_prompt=2,
                generate_max_len=12, temperature=1.0, prompt_max_len=200, max_steps=2,
-               print_rollout_sample=1, work_dir=str(wd), save_path=str(wd / "model"),
+               print_rollout_sample=True, work_dir=str(wd), save_path=str(wd / "model"),
                ckpt_path=str(wd / "ck"))
     assert train(cfg) == cfg.train.save_path
     with open(wd / "train" / "train_log.jsonl") as f:

@@ -154,7 +154,7 @@ def test_on_policy_pipeline_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_
                   "micro_train_batch_size": 2, "learning_rate": 1e-3},
         "kd": {"kd_algorithm": algorithm, "kd_loss_fn": "rkl", "kd_ratio": 1.0},
         "rollout": {"rollout_num_engines": 1, "rollout_batch_size": 4,
-                    "generate_max_len": 6, "print_rollout_sample": 2},
+                    "generate_max_len": 6, "print_rollout_sample": True},
         "eval": {"eval_task": "gsm8k", "eval_num_generations": 1, "eval_max_new_tokens": 4},
         "tracking": {"experiment_name": "e2e-on-policy",
                      "registered_model_name": "tiny-on-policy"},

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from kubedistill import kdflow_flags
 from kubedistill.errors import ConfigError
 
 
@@ -59,7 +60,12 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.98)
     backend: str = "fsdp2"
     gradient_checkpointing: bool = False
+    gradient_checkpointing_use_reentrant: bool = False
+    teacher_offload: bool = False  # KDFlow reads it nowhere; here: same as enable_sleep
+    train_enable_sleep: bool = False  # deprecated in KDFlow: turns on enable_sleep
     enable_sleep: bool = False
+    full_determinism: bool = False  # transformers.enable_full_determinism(seed)
+    load_checkpoint: bool = False  # resume from ckpt_path (same as resume)
     eval_steps: int = -1
     save_steps: int = -1
     save_path: str = "./ckpt/"
@@ -68,7 +74,13 @@ class TrainConfig:
     bf16: bool = False
     use_dynamic_bsz: bool = False
     max_token_len_per_gpu: int = 0
-    chunked_loss_size: int | None = 1024  # KDFlow: None; ours chunks by default
+    chunked_loss_size: int | None = None  # None: full logits; N: N loss tokens at a time
+    local_rank: int = -1  # set by launchers; the LOCAL_RANK env var decides, as in KDFlow
+    # KDFlow's checkpoint arguments
+    save_training_state: bool = False  # kubedistill checkpoints always hold training state
+    resume_training: bool = False  # same as resume
+    resume_from: str | None = None  # refused: resume picks the newest checkpoint
+    max_ckpt_num: int = -1  # -1: kubedistill keeps the two newest checkpoints
     # kubedistill
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     resume: bool = False
@@ -92,9 +104,11 @@ class KDConfig:
     teacher_pp_size: int = 1
     teacher_dp_size: int = 1
     teacher_forward_n_batches: int = 1
+    teacher_enable_sleep: bool = False  # deprecated in KDFlow: turns on enable_sleep
     teacher_mem_fraction_static: float = 0.4
     teacher_offload_tags: str = "all"
     teacher_quantization: str | None = None
+    multi_teacher_config: str | None = None  # refused: one teacher per run
     dskd_token_align: str = "eta"
     dskd_topk_vocab: int = -1
     dskd_projector_lr: float = 1e-4
@@ -133,8 +147,9 @@ class RolloutConfig:
     generate_max_len: int = 2048
     temperature: float = 1.0
     top_p: float = 1.0
+    rollout_enable_sleep: bool = False  # deprecated in KDFlow: turns on enable_sleep
     rollout_mem_fraction_static: float = 0.6
-    print_rollout_sample: int = 0  # KDFlow: bool; an int n logs the first n samples
+    print_rollout_sample: bool = False  # one sample per rollout -> rollout_samples.jsonl
     # kubedistill
     rollout_backend: str = "auto"  # auto | hf | sglang
 
@@ -150,7 +165,10 @@ class DataConfig:
     output_key: str | None = None
     image_key: str | None = None
     teacher_input_key: str | None = None
+    teacher_routing_key: str = "teacher_routing_key"  # multi-teacher KD only (refused)
     label_key: str | None = None
+    input_template: str | None = None  # without a chat template: prompt = template.format(x)
+    custom_eval_fn: str | None = None  # refused: use eval_task
     apply_chat_template: bool = True
     max_len: int = 4096
     prompt_max_len: int = 2048
@@ -178,7 +196,17 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
+    """KDFlow's W&B flags, mapped onto MLflow (see kubedistill.kdflow_flags)."""
+
     logging_steps: int = 10
+    use_wandb: bool = False
+    wandb_org: str | None = None  # -> MLflow tag "org"
+    wandb_project: str | None = None  # -> experiment_name
+    wandb_group: str | None = None  # -> MLflow tag "group"
+    wandb_run_name: str | None = None  # -> run_name
+    wandb_mode: str = "online"  # online | offline (local store) | disabled (tracking off)
+    wandb_dir: str | None = None  # -> where the local store lives
+    sync_swanlab: bool = False  # refused
 
 
 @dataclass
@@ -188,6 +216,7 @@ class TrackingConfig:
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite in work_dir
     experiment_name: str = "kubedistill"
     run_name: str | None = None
+    run_tags: str | None = None  # "key=value,key=value": tags on every run
     registered_model_name: str | None = None  # default: the recipe name
     parent_run_id: str | None = None
     pipeline_run_id: str | None = None
@@ -277,6 +306,7 @@ class Config:
 
     def validate(self, world_size: int | None = None) -> Config:
         """Check combinations that no single field can check; raise ConfigError."""
+        kdflow_flags.check(self)
         _check_choice("on_bad_row", self.data.on_bad_row, ("skip", "fail"))
         _check_choice("length_policy", self.data.length_policy, ("filter", "truncate"))
         _check_choice("cache_dtype", self.cache.cache_dtype, ("bf16", "fp16", "fp32", "fp8"))
@@ -343,8 +373,9 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got '{value}'{hint}")
 
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
+# HfArgumentParser's (KDFlow's) spellings, plus on/off
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
@@ -365,8 +396,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if text in _FALSE:
                 return False
             raise ValueError(value)
-        if origin is tuple:
-            items = split_list(value) if isinstance(value, str) else list(value)
+        if origin is tuple:  # "0.9,0.98", KDFlow's "(0.9, 0.98)", or a YAML list
+            items = (split_list(value.strip().strip("()[]")) if isinstance(value, str)
+                     else list(value))
             args = typing.get_args(typ)
             if len(items) != len(args):
                 raise ValueError(value)
@@ -416,7 +448,8 @@ def join_uri(base: str, *parts: str) -> str:
 
 def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 ) -> Config:
-    """Defaults <- recipe YAML (flat or grouped) <- overrides, then validate."""
+    """Defaults <- recipe YAML (flat or grouped) <- overrides, KDFlow's alias flags mapped
+    (:func:`kubedistill.kdflow_flags.apply`), then validate."""
     cfg = Config()
     if recipe is not None:
         data = yaml.safe_load(Path(recipe).read_text()) or {}
@@ -424,13 +457,15 @@ def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | No
             raise ConfigError(f"{recipe}: a recipe must be a mapping")
         cfg.name = Path(recipe).stem
         cfg.update(data)
-    return cfg.update(overrides or {}).validate()
+    return kdflow_flags.apply(cfg.update(overrides or {})).validate()
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """``['--kd_ratio', '0.3', '--bf16', '--kd.kd_loss_fn=rkl']`` -> a dict of raw values.
 
-    A flag followed by another flag (or nothing) means True, as KDFlow's boolean flags do.
+    KDFlow's (HfArgumentParser's) boolean syntaxes: ``--flag``, ``--flag True``,
+    ``--flag=false``, and ``--no_flag`` for a flag whose default is True. A flag followed by
+    another flag (or nothing) means True. ``--name NAME`` names the run.
     """
     out: dict[str, Any] = {}
     i = 0
@@ -445,7 +480,23 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
                 i += 1
             else:
                 value = "true"
-        _locate(key)  # fail early on typos, with a suggestion
+        negated = _negated_bool(key)
+        if negated and not eq and value == "true":
+            key, value = negated, "false"
+        elif key != "name":
+            _locate(key)  # fail early on typos, with a suggestion
         out[key] = value
         i += 1
     return out
+
+
+def _negated_bool(key: str) -> str | None:
+    """``no_apply_chat_template`` -> ``apply_chat_template`` (bool fields defaulting to True)."""
+    name = key.replace("-", "_")
+    if not name.startswith("no_") or name in FIELD_GROUP:
+        return None
+    field_name = name[3:]
+    if FIELD_TYPES.get(field_name) is not bool:
+        return None
+    default = getattr(GROUPS[FIELD_GROUP[field_name]](), field_name)
+    return field_name if default is True else None

@@ -22,6 +22,7 @@ from typing import Any
 
 from kubedistill import __version__, storage
 from kubedistill.config import Config
+from kubedistill.kdflow_flags import parse_tags
 
 OFF = {"none", "off", "disabled", "false", "0"}
 PARENT_MARKER = "mlflow_parent_run.json"
@@ -37,6 +38,8 @@ _NOT_SECRET = {"input_key", "output_key", "image_key", "teacher_input_key", "lab
 def resolve_tracking_uri(cfg: Config) -> str | None:
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if uri.startswith("sqlite:///"):  # a local store (e.g. KDFlow's --wandb_dir)
+            os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
         return None if uri.strip().lower() in OFF else uri
     if not storage.is_local(cfg.storage.work_dir):
         return None
@@ -145,7 +148,8 @@ def run_tags(cfg: Config, stage: str | None = None) -> dict[str, str]:
             "mlflow.source.git.commit": git_sha(), "kubedistill.recipe": cfg.name,
             "teacher": cfg.model.teacher_name_or_path,
             "student": cfg.model.student_name_or_path, "data_hash": prepared_data_hash(cfg),
-            TAG_PIPELINE: cfg.tracking.pipeline_run_id, "kubedistill.stage": stage}
+            TAG_PIPELINE: cfg.tracking.pipeline_run_id, "kubedistill.stage": stage,
+            **dict(parse_tags(cfg.tracking.run_tags))}
     return {k: str(v) for k, v in tags.items() if v}
 
 

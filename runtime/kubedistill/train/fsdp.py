@@ -89,18 +89,30 @@ def mixed_precision(env: DistEnv, bf16: bool) -> MixedPrecisionPolicy | None:
 
 
 def shard(root: nn.Module, layers: Iterable[nn.Module], mesh: DeviceMesh,
-          mp: MixedPrecisionPolicy | None) -> nn.Module:
+          mp: MixedPrecisionPolicy | None, cpu_offload: bool = False) -> nn.Module:
     """``fully_shard`` each of ``layers`` and then ``root`` (in place); returns ``root``.
 
     The root does not cast its forward inputs (teacher states keep their dtype) and keeps
     its parameters gathered after forward, since backward needs them right away.
+    ``cpu_offload`` (KDFlow's flag): ``CPUOffloadPolicy(pin_memory=True)`` keeps parameter
+    shards, gradients and AdamW state in pinned CPU memory and the optimizer step on the
+    CPU; CUDA only (on a CPU mesh there is nothing to offload, and FSDP2 refuses it).
     """
-    layer_kw = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
+    offload: dict = {}
+    if cpu_offload:
+        if mesh.device_type != "cuda":
+            raise ConfigError("cpu_offload needs CUDA: it moves FSDP2 parameter shards and "
+                              "optimizer state off the GPU, and CPU training already keeps "
+                              "them in CPU memory; drop --cpu_offload")
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offload = {"offload_policy": CPUOffloadPolicy(pin_memory=True)}
+    layer_kw = {"mesh": mesh, **offload} | ({"mp_policy": mp} if mp else {})
     for layer in layers:
         fully_shard(layer, **layer_kw)
     root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype,
                                    cast_forward_inputs=False) if mp else None
-    fully_shard(root, mesh=mesh, reshard_after_forward=False,
+    fully_shard(root, mesh=mesh, reshard_after_forward=False, **offload,
                 **({"mp_policy": root_mp} if root_mp else {}))
     return root
 

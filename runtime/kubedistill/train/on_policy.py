@@ -37,7 +37,7 @@ Per iteration the tracker gets ``time/{rollout,teacher,train,sync}_s``,
 ``rollout/{response_len,truncation_rate,samples,prompts}``, ``onpolicy/kl`` (mean per-token
 KL(teacher || student) on the fresh samples, before the update; cross-tokenizer: on the
 aligned tokens over the shared sub-vocabulary) and ``onpolicy/top1_agree``;
-the first ``print_rollout_sample`` samples go to ``{work_dir}/train/rollout_samples.jsonl``
+with ``print_rollout_sample`` the first sample of each rollout goes to ``{work_dir}/train/rollout_samples.jsonl``
 (a table artifact).
 """
 
@@ -140,7 +140,7 @@ class OnPolicyTrainer(Trainer):
                               "engine needs merged weights); set lora_rank 0")
         check_config(cfg)
         self.tracker = tracker or NullTracker()
-        _seed_everything(t.seed)
+        _seed_everything(t.seed, t.full_determinism)
         self.local_dir = local_work_dir(cfg)
         self.student_ref = resolve_student(cfg, env, self.local_dir)
         self.vocab_map = cross_tokenizer_map(cfg)

@@ -83,8 +83,8 @@ def resolve_student(cfg: Config, env: DistEnv, local_work_dir: str) -> str:
 
 def load_student(ref: str, cfg: Config, env: DistEnv,
                  ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The student in fp32 (master weights) and train mode, with gradient checkpointing
-    and LoRA as configured, and the full state that :func:`materialize` spreads.
+    """The student in fp32 (master weights) and train mode, with Liger kernels, gradient
+    checkpointing and LoRA as configured, and the full state that :func:`materialize` spreads.
 
     Only rank 0 reads the weights (into CPU memory); with more ranks the others build the
     model on the meta device and receive their shards from rank 0 after sharding, so no
@@ -109,8 +109,13 @@ def load_student(ref: str, cfg: Config, env: DistEnv,
                                                      attn_implementation=attn,
                                                      trust_remote_code=remote)
     model.config.use_cache = False
+    if cfg.model.use_liger_kernel:
+        from kubedistill.train.liger import apply_liger_kernels
+
+        apply_liger_kernels(model, env.device.type)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": cfg.train.gradient_checkpointing_use_reentrant})
     model = apply_lora(model, cfg.model).train()
     # references, not copies: they keep rank 0's full tensors alive through sharding
     full = dict(model.state_dict()) if env.is_main and env.world_size > 1 else {}

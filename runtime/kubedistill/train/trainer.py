@@ -55,7 +55,7 @@ class Trainer:
         cfg.validate(env.world_size)
         self.cfg, self.env, t = cfg, env, cfg.train
         self.tracker = tracker or NullTracker()
-        _seed_everything(t.seed)
+        _seed_everything(t.seed, t.full_determinism)
         self.local_dir = local_work_dir(cfg)
         self.student_ref = resolve_student(cfg, env, self.local_dir)
         self.train_split = data.load_prepared(cfg.prepared_path, cfg.data.train_split)
@@ -84,7 +84,7 @@ class Trainer:
         algorithm = build_algorithm(cfg, head, student.config.hidden_size)
         self.module = DistillModule(student, wrap(algorithm))
         shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
-              mixed_precision(env, t.bf16))
+              mixed_precision(env, t.bf16), cpu_offload=cfg.fsdp.cpu_offload)
         materialize(student, full_state, env)
         self.optimizer = build_optimizer(self.module, algorithm.param_groups(),
                                          lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -288,7 +288,14 @@ class Trainer:
         write_summary(self.cfg.train.save_path, summary)
 
 
-def _seed_everything(seed: int) -> None:
+def _seed_everything(seed: int, full_determinism: bool = False) -> None:
+    """Seed python, numpy and torch; ``full_determinism`` (KDFlow's flag) also makes torch
+    use deterministic kernels only (``transformers.enable_full_determinism``: cuDNN
+    deterministic, no benchmark, ``CUBLAS_WORKSPACE_CONFIG``), as KDFlow does."""
+    if full_determinism:
+        from transformers import enable_full_determinism
+
+        enable_full_determinism(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

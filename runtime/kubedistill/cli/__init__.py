@@ -3,6 +3,9 @@
 Every stage takes an optional recipe (``-c recipes/quickstart.yaml``) and config overrides in
 KDFlow's spelling (``--kd_ratio 0.3``) or grouped (``--kd.kd_ratio 0.3``). Stage code is
 imported lazily so that ``--help`` is instant and no stage pays for another's imports.
+
+KDFlow's own entry points live beside it: ``python -m kubedistill.cli.train_kd_off_policy``,
+``train_kd_on_policy`` and ``train_sft`` (see :mod:`kubedistill.cli.kdflow`).
 """
 
 from __future__ import annotations
@@ -111,7 +114,3 @@ def _run_guarded(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("kubedistill: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
