@@ -26,7 +26,7 @@ def example_argv(name: str, paths: dict[str, str] = PATHS) -> tuple[str, list[st
     text = (EXAMPLES / name).read_text()
     opts = " ".join(re.findall(r'^OPTS\+="([^"]*)"', text, re.M))
     for var, value in paths.items():
-        opts = opts.replace("${%s}" % var, value)
+        opts = opts.replace("${" + var + "}", value)
     assert "${" not in opts, opts
     prog = re.search(r"^python -m kubedistill\.cli\.(\w+) \$OPTS$", text, re.M).group(1)
     return prog, shlex.split(opts)

@@ -16,6 +16,8 @@ Beyond KDFlow's flags they take ``-c/--recipe`` (a YAML recipe the flags overrid
   ``./runs/<name>``; ``name`` (the registered model's name unless
   ``registered_model_name`` is set) defaults to the recipe's stem, else the last part of
   ``save_path`` (KDFlow scripts name each experiment there), else the pipeline.
+- Hugging Face Hub ids (``Qwen/Qwen3-4B``, hub datasets) are fetched before any stage runs
+  (:func:`fetch_hub_refs`); offline they fail in one line naming the id.
 - The train stage launches torchrun itself (``num_nodes`` x ``num_gpus_per_node``), so an
   entry point started under torchrun refuses to run (exit 2).
 """
@@ -101,6 +103,21 @@ def resolve(prog: str, argv: list[str]) -> tuple[str | None, dict[str, Any], Con
     return args.recipe, overrides, load_config(args.recipe, overrides)
 
 
+def fetch_hub_refs(cfg: Config) -> None:
+    """Make the Hugging Face Hub ids among the models and datasets local before any stage
+    runs (cached for the stages), so that offline they fail here, in one line naming the
+    id (exit 5; 2 for an id the hub does not have)."""
+    from kubedistill.config import split_list
+    from kubedistill.models import hub
+
+    for ref in (cfg.model.student_name_or_path, cfg.model.teacher_name_or_path):
+        if hub.is_hub_id(ref):
+            hub.snapshot(ref)
+    for ref in split_list(cfg.data.train_dataset_path) + split_list(cfg.data.eval_dataset_path):
+        if hub.is_hub_id(ref):
+            hub.snapshot(ref, "dataset")
+
+
 def main(prog: str, argv: list[str] | None = None) -> int:
     from kubedistill.cli import _run_guarded
 
@@ -120,6 +137,7 @@ def main(prog: str, argv: list[str] | None = None) -> int:
             return 0
         from kubedistill.pipelines.local import run as run_pipeline
 
+        fetch_hub_refs(cfg)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         ok, _ = run_pipeline(recipe, overrides, ENTRY_POINTS[prog])
         return 0 if ok else 1
