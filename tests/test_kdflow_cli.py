@@ -115,6 +115,68 @@ def test_example_flag_set_resolves_with_kdflow_meanings(name, in_tmp):
     assert cfg.tracking.tracking_uri == f"sqlite:///{in_tmp / 'output'}/mlflow.db"
 
 
+# Every field of KDFlow's argument dataclasses (kdflow/arguments/*.py) with its default,
+# plus the flags its newer argument reference documents.
+KDFLOW_FLAGS = {
+    # DataArguments
+    "train_dataset_path": None, "train_dataset_probs": None, "train_split": "train",
+    "eval_dataset_path": None, "eval_split": "eval", "input_key": "messages",
+    "image_key": None, "output_key": None, "teacher_input_key": None, "label_key": None,
+    "input_template": None, "apply_chat_template": True, "max_len": 4096,
+    "max_samples": 100_000_000, "packing_samples": False, "prompt_max_len": 2048,
+    "preprocess_num_workers": 8, "custom_eval_fn": None,
+    "teacher_routing_key": "teacher_routing_key",
+    # ModelArguments
+    "student_name_or_path": None, "teacher_name_or_path": None,
+    "attn_implementation": "flash_attention_2", "use_liger_kernel": False, "lora_rank": 0,
+    "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0,
+    "disable_fast_tokenizer": False, "enable_thinking": False, "ring_attn_size": 1,
+    # TrainingArguments (+ checkpoint arguments)
+    "num_nodes": 1, "num_gpus_per_node": 8, "num_epochs": 1, "train_batch_size": 128,
+    "micro_train_batch_size": 1, "learning_rate": 1e-6, "lr_warmup_ratio": 0.05,
+    "min_lr": 1e-8, "lr_scheduler": "cosine_with_min_lr", "max_norm": 1.0,
+    "weight_decay": 0.0, "adam_betas": (0.9, 0.98), "eval_steps": -1, "save_steps": -1,
+    "backend": "fsdp2", "gradient_checkpointing": False,
+    "gradient_checkpointing_use_reentrant": False, "teacher_offload": False,
+    "train_enable_sleep": False, "enable_sleep": False, "full_determinism": False,
+    "load_checkpoint": False, "ckpt_path": "./ckpt/checkpoints_distill",
+    "save_path": "./ckpt/", "seed": 42, "use_dynamic_bsz": False,
+    "max_token_len_per_gpu": 0, "bf16": False, "local_rank": -1, "chunked_loss_size": None,
+    "save_training_state": False, "resume_from": None, "resume_training": False,
+    "max_ckpt_num": -1,
+    # FSDPArguments
+    "fsdp_size": -1, "cpu_offload": False,
+    # DistillationArguments (kd_temperature_squared etc. are kubedistill's own)
+    "kd_ratio": 0.5, "kd_temperature": 1.0, "kd_algorithm": "vanilla_kd",
+    "kd_loss_fn": "kl", "teacher_forward_n_batches": 1, "teacher_enable_sleep": False,
+    "teacher_offload_tags": "all", "teacher_quantization": None, "teacher_tp_size": 8,
+    "teacher_ep_size": 1, "teacher_pp_size": 1, "teacher_dp_size": 1,
+    "teacher_mem_fraction_static": 0.4, "teacher_update_freq": 1,
+    "dskd_token_align": "eta", "dskd_topk_vocab": -1, "dskd_projector_lr": 1e-4,
+    "jsd_beta": 0.5, "skew_lambda": 0.1, "adaptive_alpha": 0.5, "hrl_topk": 5,
+    "use_ema_teacher": False, "teacher_ema_decay": 0.999, "multi_teacher_config": None,
+    # RolloutArguments
+    "rollout_num_engines": 0, "rollout_tp_size": 1, "rollout_enable_sleep": False,
+    "rollout_mem_fraction_static": 0.6, "top_p": 1.0, "temperature": 1.0,
+    "n_samples_per_prompt": 1, "rollout_batch_size": 32, "generate_max_len": 2048,
+    "print_rollout_sample": False,
+    # LoggingArguments
+    "logging_steps": 10, "use_wandb": False, "wandb_org": None, "wandb_project": None,
+    "wandb_group": None, "wandb_run_name": None, "wandb_mode": "online",
+    "wandb_dir": None, "sync_swanlab": False,
+}
+
+
+def test_every_kdflow_flag_exists_with_kdflow_default_and_type():
+    from kubedistill.config import FIELD_TYPES, Config
+
+    flat = Config().to_dict(flat=True)
+    assert [k for k in KDFLOW_FLAGS if k not in flat] == []
+    for key, default in KDFLOW_FLAGS.items():
+        assert flat[key] == default and type(flat[key]) is type(default), key
+    assert FIELD_TYPES["print_rollout_sample"] is bool
+
+
 def test_kdflow_flag_syntaxes():
     cfg = load_config(None, parse_overrides(
         ["--adam_betas", "(0.9, 0.95)", "--print_rollout_sample", "True", "--bf16",
@@ -182,6 +244,7 @@ def test_wandb_flags_map_onto_mlflow_with_one_info_line(caplog, monkeypatch, tmp
     ({"multi_teacher_config": "t.json"}, "multi-teacher"),
     ({"custom_eval_fn": "f.py"}, "eval_task"),
     ({"resume_from": "ckpt/step_4"}, "newest complete checkpoint"),
+    ({"max_ckpt_num": 3}, "two newest"),
     ({"input_template": "no placeholder", "apply_chat_template": False}, "must contain"),
     ({"input_template": "Q: {}"}, "only without a chat template"),
     ({"backend": "deepspeed"}, "fsdp2"),

@@ -15,7 +15,7 @@ component call it before ``validate()``):
 
 :func:`check` (called from ``Config.validate``) refuses, with the reason, what kubedistill
 does not do: ``ring_attn_size > 1``, ``sync_swanlab``, ``multi_teacher_config``,
-``custom_eval_fn``, ``resume_from``, an ``input_template`` without ``{}`` or used with a chat
+``custom_eval_fn``, ``resume_from``, ``max_ckpt_num`` other than -1, an ``input_template`` without ``{}`` or used with a chat
 template, a ``backend`` other than fsdp2, and an unknown ``wandb_mode``. Device-dependent
 refusals (``cpu_offload`` and ``use_liger_kernel`` on CPU) happen where the device is known:
 :mod:`kubedistill.train.fsdp` and :mod:`kubedistill.train.student`.
@@ -126,6 +126,10 @@ def check(cfg: Any) -> None:
     if d.custom_eval_fn:
         raise ConfigError("custom_eval_fn: kubedistill runs no user Python in the evaluate "
                           "stage; choose eval_task (gsm8k | rouge | none) and eval_metric")
+    if t.max_ckpt_num != -1:
+        raise ConfigError(f"max_ckpt_num {t.max_ckpt_num}: kubedistill keeps the two newest "
+                          "complete checkpoints (a crash mid-save leaves the older one); "
+                          "use max_ckpt_num -1")
     if t.resume_from:
         raise ConfigError("resume_from: kubedistill resumes from the newest complete "
                           "checkpoint under ckpt_path; set --ckpt_path and --resume True")
