@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_kdflow_cli import example_argv
 
 CPU_SIZES = ["--num_gpus_per_node", "1", "--device", "cpu", "--train_batch_size", "4",
