@@ -318,3 +318,38 @@ def test_pipeline_submit_takes_the_same_flags(tmp_path):
     args, flags = parser.parse_known_args(["submit", "--host", "h", "--kd_rato", "1"])
     with pytest.raises(ConfigError, match="did you mean"):
         cli._submit(args, client_factory=FakeClient, flags=flags)
+
+
+def test_full_determinism_turns_on_deterministic_kernels():
+    import os
+
+    import torch
+
+    from kubedistill.train.trainer import _seed_everything
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    saved = dict(os.environ)
+    try:
+        _seed_everything(3, full_determinism=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        os.environ.clear()
+        os.environ.update(saved)
+    _seed_everything(3)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_use_reentrant_reaches_the_model(tiny_model_dir, reentrant):
+    from kubedistill.train.fsdp import init_distributed
+    from kubedistill.train.student import load_student
+
+    cfg = load_config(None, {"gradient_checkpointing": True, "device": "cpu",
+                             "gradient_checkpointing_use_reentrant": reentrant,
+                             "attn_implementation": "sdpa"})
+    model, _ = load_student(tiny_model_dir, cfg, init_distributed("cpu"))
+    layer = model.model.layers[0]
+    assert layer.gradient_checkpointing is True
+    assert layer._gradient_checkpointing_func.keywords["use_reentrant"] is reentrant
