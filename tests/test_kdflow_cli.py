@@ -353,3 +353,18 @@ def test_gradient_checkpointing_use_reentrant_reaches_the_model(tiny_model_dir, 
     layer = model.model.layers[0]
     assert layer.gradient_checkpointing is True
     assert layer._gradient_checkpointing_func.keywords["use_reentrant"] is reentrant
+
+
+def test_input_template_formats_plain_prompts_without_a_chat_template():
+    from kubedistill.data.chat import normalise
+
+    data = load_config(None, {"input_key": "q", "output_key": "a", "apply_chat_template": False,
+                              "input_template": "Question: {}\nAnswer:"}).data
+    conv = normalise({"q": "1+1?", "a": "2"}, data)
+    assert conv.messages[0] == {"role": "user", "content": "Question: 1+1?\nAnswer:"}
+    assert conv.messages[-1]["content"] == "2"
+    plain = load_config(None, {"input_key": "t", "apply_chat_template": False,
+                               "input_template": "<{}>"}).data
+    assert normalise({"t": "hello"}, plain).text == "<hello>"
+    data.input_template = None
+    assert normalise({"q": "1+1?", "a": "2"}, data).messages[0]["content"] == "1+1?"

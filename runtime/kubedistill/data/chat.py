@@ -15,6 +15,9 @@ plain text             ``row[input_key]`` a string and ``output_key`` None: a la
                        modelling sample, every token a target (no chat template)
 =====================  ==================================================================
 
+``input_template`` (KDFlow's, used only with ``apply_chat_template: false``) formats a
+plain-string prompt: ``input_template.format(prompt)``.
+
 A messages list is valid when an optional system turn comes first, then user and assistant
 turns alternate starting with user, and it ends with a non-empty assistant turn. With
 ``output_key`` set, the output is appended as the final assistant turn. ``label_key`` is kept
@@ -147,7 +150,7 @@ def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
     if key == "instruction" and row.get("input"):  # Alpaca: instruction + input
         value = f"{_check_text(value, key)}\n\n{_check_text(row['input'], 'input')}"
     if out_key is None and not isinstance(value, list):
-        conv = Conversation(messages=None, text=_check_text(value, key))
+        conv = Conversation(messages=None, text=_templated(_check_text(value, key), data))
         if not conv.text.strip():
             raise RowError(key, "empty text")
     else:
@@ -157,6 +160,8 @@ def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
             if out_key not in row:
                 raise RowError(out_key, "missing key")
             messages = _prompt(value, key)
+            if not isinstance(value, list):
+                messages[-1]["content"] = _templated(messages[-1]["content"], data)
             reply = row[out_key]
             if isinstance(reply, list):
                 messages += parse_messages(reply, out_key)
@@ -172,6 +177,14 @@ def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
     if data.teacher_input_key:
         conv.teacher_messages = _teacher_messages(row, data.teacher_input_key, conv)
     return conv
+
+
+def _templated(prompt: str, data: DataConfig) -> str:
+    """KDFlow's ``input_template``: without a chat template, a plain-string prompt becomes
+    ``input_template.format(prompt)``."""
+    if data.input_template and not data.apply_chat_template:
+        return data.input_template.format(prompt)
+    return prompt
 
 
 def _teacher_messages(row: dict[str, Any], key: str, conv: Conversation):
