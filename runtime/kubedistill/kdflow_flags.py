@@ -31,8 +31,15 @@ from kubedistill.errors import ConfigError
 
 log = logging.getLogger("kubedistill.kdflow")
 WANDB_MODES = ("online", "offline", "disabled")
+_said: set[str] = set()  # messages already logged by this process (configs resolve often)
 _SLEEP_FLAGS = ("train.train_enable_sleep", "kd.teacher_enable_sleep",
                 "rollout.rollout_enable_sleep", "train.teacher_offload")
+
+
+def _once(level: int, message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        log.log(level, message)
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -44,8 +51,8 @@ def apply(cfg: Any) -> Any:
     """Map KDFlow's alias flags onto kubedistill's settings (see the module docstring)."""
     sleepers = [d.split(".")[1] for d in _SLEEP_FLAGS if _get(cfg, d)]
     if sleepers and not cfg.train.enable_sleep:
-        log.warning("--%s: deprecated in KDFlow; turning on --enable_sleep (engines release "
-                    "GPU memory while the student trains)", " --".join(sleepers))
+        _once(logging.WARNING, f"--{' --'.join(sleepers)}: deprecated in KDFlow; turning on "
+              "--enable_sleep (engines release GPU memory while the student trains)")
         cfg.train.enable_sleep = True
     if cfg.train.load_checkpoint or cfg.train.resume_training:
         cfg.train.resume = True
@@ -59,8 +66,8 @@ def _map_wandb(cfg: Any) -> None:
                                          "wandb_run_name", "wandb_dir") if getattr(lg, k)}
     if not lg.use_wandb:
         if given:
-            log.info("W&B flags %s given without --use_wandb True: unused, as in KDFlow",
-                     ", ".join(sorted(given)))
+            _once(logging.INFO, f"W&B flags {', '.join(sorted(given))} given without "
+                  "--use_wandb True: unused, as in KDFlow")
         return
     mapped = []
     if lg.wandb_project:
@@ -85,8 +92,8 @@ def _map_wandb(cfg: Any) -> None:
             root = os.path.abspath(os.path.expanduser(root))
         tr.tracking_uri = f"sqlite:///{root.rstrip('/')}/mlflow.db"
         mapped.append(f"mode {lg.wandb_mode} -> local store {tr.tracking_uri}")
-    log.info("W&B flags mapped onto MLflow (kubedistill tracks in MLflow, not W&B): %s",
-             "; ".join(mapped) or "nothing to map")
+    _once(logging.INFO, "W&B flags mapped onto MLflow (kubedistill tracks in MLflow, not "
+          f"W&B): {'; '.join(mapped) or 'nothing to map'}")
 
 
 def parse_tags(text: str | None) -> list[tuple[str, str]]:
@@ -141,5 +148,5 @@ def check(cfg: Any) -> None:
             raise ConfigError("input_template applies only without a chat template (as in "
                               "KDFlow); add --apply_chat_template False or drop it")
         if "\\n" in d.input_template:
-            log.warning("input_template contains '\\\\n' characters, not newlines; in bash "
-                        "pass $'...\\n...'")
+            _once(logging.WARNING, "input_template contains '\\\\n' characters, not "
+                  "newlines; in bash pass $'...\\n...'")

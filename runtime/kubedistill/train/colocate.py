@@ -8,13 +8,20 @@ included) wait on the CPU; while the student trains, SGLang engines release thei
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class Colocation:
     def __init__(self, enabled: bool, device: torch.device):
         self.enabled = bool(enabled) and device.type == "cuda"
         self.device = device
+        if enabled and not self.enabled:
+            log.info("enable_sleep: nothing to release on %s (engines and the student "
+                     "share no accelerator memory); it acts on CUDA only", device.type)
 
     def offload(self, optimizer: torch.optim.Optimizer) -> None:
         if self.enabled:
