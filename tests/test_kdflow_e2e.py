@@ -16,10 +16,10 @@ from test_kdflow_cli import example_argv
 
 CPU_SIZES = ["--num_gpus_per_node", "1", "--device", "cpu", "--train_batch_size", "4",
              "--micro_train_batch_size", "2", "--learning_rate", "1e-3", "--max_len", "256",
-             "--prompt_max_len", "192", "--max_samples", "12", "--preprocess_num_workers", "1",
+             "--prompt_max_len", "192", "--max_samples", "8", "--preprocess_num_workers", "1",
              "--input_key", "question", "--output_key", "answer", "--label_key", "label",
-             "--eval_dataset_path", "packaged:gsm8k-eval", "--eval_max_samples", "4",
-             "--eval_task", "gsm8k", "--eval_num_generations", "2",
+             "--eval_dataset_path", "packaged:gsm8k-eval", "--eval_max_samples", "2",
+             "--eval_task", "gsm8k", "--eval_num_generations", "1",
              "--eval_max_new_tokens", "8", "--cache_dtype", "fp32", "--full_determinism"]
 
 
