@@ -226,30 +226,39 @@ def check_kd_loss(sizes: Sizes, device: torch.device) -> None:
             row(f"KD loss V={vocab:,}", "liger", "not run: liger-kernel is not installed")
         results = {}
         for name, fn in cases.items():
-            times, peak = [], 0.0
-            for i in range(sizes.loss_repeats + 1):
-                h.grad = w.grad = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                sync(device)
-                start = time.perf_counter()
-                loss = fn()
-                loss.backward()
-                sync(device)
-                if i:
-                    times.append(time.perf_counter() - start)
-                if device.type == "cuda":
-                    peak = max(peak, (torch.cuda.max_memory_allocated() - base) / 2**20)
-            results[name] = (statistics.median(times), peak, float(loss.detach()))
+            try:
+                results[name] = time_loss(fn, h, w, sizes.loss_repeats, device)
+            except Exception as exc:  # e.g. torch.compile without a compiler: report, go on
+                row(f"KD loss V={vocab:,}", name, f"failed: {type(exc).__name__}: "
+                    f"{(str(exc).splitlines() or [''])[0][:120]}")
         del cases, h, w
-        ref = results["unchunked"][2]
+        ref = results.get("unchunked", (0.0, 0.0, None))[2]
         for name, (sec, peak, loss) in results.items():
             mem = f", peak {peak:,.0f} MiB" if device.type == "cuda" else ""
+            diff = "n/a" if ref is None else f"{abs(loss - ref) / max(abs(ref), 1e-12):.1e}"
             row(f"KD loss V={vocab:,}", f"{name}, N={n} d={d} {str(dtype)[6:]}",
-                f"{sec * 1e3:.1f} ms fwd+bwd{mem}, loss rel. diff to unchunked "
-                f"{abs(loss - ref) / max(abs(ref), 1e-12):.1e}")
+                f"{sec * 1e3:.1f} ms fwd+bwd{mem}, loss rel. diff to unchunked {diff}")
+
+
+def time_loss(fn, h, w, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """(median s of forward + backward, peak MiB above the inputs (CUDA), loss)."""
+    times, peak = [], 0.0
+    for i in range(repeats + 1):
+        h.grad = w.grad = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        sync(device)
+        start = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peak = max(peak, (torch.cuda.max_memory_allocated() - base) / 2**20)
+    return statistics.median(times), peak, float(loss.detach())
 
 
 # ---- 3: the teacher cache ----------------------------------------------------------------------
