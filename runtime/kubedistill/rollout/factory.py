@@ -53,3 +53,19 @@ def make_rollout_engine(cfg, model_path: str, device: str, model: torch.nn.Modul
     from kubedistill.rollout.pool import RolloutPool
 
     return RolloutPool(engines)
+
+
+def check_colocated_settings(cfg, student_path: str, teacher_path: str) -> None:
+    """Teacher and rollout SGLang engines in one process must agree on the process-global
+    settings (:func:`kubedistill.sglang_engine.check_shared_settings`); others pass."""
+    from kubedistill.teacher.engine import resolve_backend
+
+    if resolve_rollout_backend(cfg.rollout.rollout_backend) != "sglang" or \
+            resolve_backend(cfg.cache.teacher_backend) != "sglang":
+        return
+    from kubedistill.rollout.sglang import engine_kwargs as rollout_kwargs
+    from kubedistill.sglang_engine import check_shared_settings
+    from kubedistill.teacher.sglang import engine_kwargs as teacher_kwargs
+
+    check_shared_settings([teacher_kwargs(cfg, teacher_path),
+                           rollout_kwargs(cfg, student_path)])

@@ -63,7 +63,7 @@ from kubedistill.config import Config
 from kubedistill.errors import ConfigError
 from kubedistill.lifecycle import close_all
 from kubedistill.rollout.engine import Sample
-from kubedistill.rollout.factory import make_rollout_engine
+from kubedistill.rollout.factory import check_colocated_settings, make_rollout_engine
 from kubedistill.rollout.sync import gather_student, push
 from kubedistill.teacher.head import TeacherHead
 from kubedistill.tracking.base import NullTracker, Tracker
@@ -191,6 +191,7 @@ class OnPolicyTrainer(Trainer):
 
         cfg, device = self.cfg, resolve_device(self.cfg)
         student_path = self._path(self.student_ref)
+        check_colocated_settings(cfg, student_path, self.teacher_path)
         self.rollout_engine = make_rollout_engine(cfg, student_path, device)
         if self.self_distill:  # theta_T lives in an HF module; the engine serves it
             from kubedistill.models import load_causal_lm
