@@ -372,3 +372,26 @@ def test_lifecycle_modules_import_no_backend():
         assert not any(_reaches(graph, name, b) for b in
                        ("kubedistill.rollout.sglang", "kubedistill.teacher.sglang")), name
     assert os.path.exists(RUNTIME / "lifecycle.py")
+
+
+# ---- on a GPU (skipped without CUDA) ---------------------------------------------------------
+@pytest.mark.gpu
+def test_sglang_teacher_states_survive_sleep_and_a_long_call(smollm2_dir):
+    pytest.importorskip("sglang")
+    from kubedistill.teacher.sglang import SGLangTeacherEngine
+
+    cfg = load_config(None, {"teacher_tp_size": 1, "teacher_mem_fraction_static": 0.3,
+                             "enable_sleep": True, "teacher_batch_tokens": 256})
+    engine = SGLangTeacherEngine.from_config(cfg, smollm2_dir)
+    try:
+        seqs = [list(range(100, 100 + n)) for n in (40, 300, 120, 90)]  # one over the budget
+        pos = [list(range(n)) for n in (40, 300, 120, 90)]
+        engine.wake()  # never slept: a no-op
+        before = engine.final_states(seqs, pos)
+        engine.sleep()
+        engine.wake()
+        after = engine.final_states(seqs, pos)
+        for a, b in zip(before, after, strict=True):
+            assert torch.equal(a, b)  # enable_weights_cpu_backup
+    finally:
+        close_all([engine])
