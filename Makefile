@@ -1,5 +1,6 @@
 # kubedistill: `make run` (quickstart pipeline, local, CPU) and `make test` set everything up
-# from nothing. Other targets: setup, lint, bench, compile, images, pipeline-run, clean.
+# from nothing. Other targets: setup, lint, bench, compile, images, pipeline-run, clean,
+# test-gpu (on a GPU machine: installs the `gpu` extra, then runs the tests marked `gpu`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,7 +22,7 @@ TEST_STAMP := $(VENV)/.test-assets
 RECIPE ?= recipes/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench compile images pipeline-run pipeline-run-local clean
+.PHONY: setup run test test-gpu lint bench compile images pipeline-run pipeline-run-local clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,12 @@ run: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# GPU tests: the `gpu` extra (sglang, flash-attn, liger-kernel; pip replaces the CPU torch
+# with the CUDA build sglang pins), then `pytest -m gpu` (those tests skip without CUDA).
+test-gpu: $(STAMP)
+	$(BIN)/pip install -q -e ".[gpu]"
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check runtime components pipelines tests benchmarks

@@ -364,7 +364,8 @@ def test_self_distillation_run_saves_and_resumes_its_teacher(base, tmp_path, one
 def test_on_policy_refuses_what_it_cannot_honour(base, tmp_path):
     from kubedistill.errors import ConfigError
     from kubedistill.train.on_policy import check_config
-    from kubedistill.train.trainer import Trainer, trainer_class
+    from kubedistill.train.trainer import Trainer
+    from kubedistill.train.worker import trainer_class
 
     assert trainer_class(_config(tmp_path, "off", base, rollout_num_engines=0)) is Trainer
     check_config(_config(tmp_path, "ok", base))
@@ -401,7 +402,7 @@ def test_sglang_outputs_become_samples_without_a_gpu():
             self.calls.append(kw)
             return [out([9, 2], "stop", 2) for _ in kw["input_ids"]]
 
-        def update_weights_from_tensor(self, named_tensors):
+        def update_weights_from_tensor(self, named_tensors, flush_cache=True):
             self.calls.append(named_tensors)
 
     fake = FakeEngine()

@@ -56,10 +56,10 @@ def test_sglang_engine_kwargs_honour_teacher_settings():
 
 
 def test_sglang_prefill_states_parsing():
+    """One block of exactly n rows; the strict cases are in tests/test_gpu_path.py."""
     prefill = torch.arange(12.0).reshape(4, 3)
     assert torch.equal(prefill_states([prefill.tolist()], 4, 3), prefill)  # [[L, d]]
-    assert torch.equal(prefill_states(prefill.tolist(), 4, 3), prefill)  # [L][d]
-    assert torch.equal(prefill_states([prefill.reshape(-1).tolist()], 3, 3), prefill[:3])
+    assert torch.equal(prefill_states([[0.0, 1.0, 2.0]], 1, 3), prefill[:1])  # one flat row
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     student_from_teacher_layers: str | None = None  # e.g. "0,6,12,18,24,29": derive the student
     lora_save_adapters: bool = False  # False: merge LoRA into the final model
+    sglang_dtype: str = "bfloat16"  # dtype of SGLang engines (their "auto" runs fp32 as fp16)
 
 
 @dataclass
@@ -312,6 +313,8 @@ class Config:
         _check_choice("cache_dtype", self.cache.cache_dtype, ("bf16", "fp16", "fp32", "fp8"))
         _check_choice("teacher_backend", self.cache.teacher_backend, ("auto", "hf", "sglang"))
         _check_choice("rollout_backend", self.rollout.rollout_backend, ("auto", "hf", "sglang"))
+        _check_choice("sglang_dtype", self.model.sglang_dtype,
+                      ("bfloat16", "float16", "float32", "auto"))
         _check_choice("dskd_token_align", self.kd.dskd_token_align, ("eta", "cma"))
         _check_choice("eval_task", self.eval.eval_task, ("auto", "gsm8k", "rouge", "none"))
         if not 0.0 <= self.kd.kd_ratio <= 1.0:

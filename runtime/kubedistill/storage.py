@@ -47,6 +47,18 @@ def local_path(uri: str) -> str:
     return path
 
 
+
+def local_dir_for(uri: str) -> str:
+    """A local directory standing for ``uri``: the directory itself when local, else a
+    stable temporary directory named after the URI."""
+    if is_local(uri):
+        return local_path(uri)
+    import tempfile
+
+    tag = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "kubedistill-work", tag)
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts if p]])
 

@@ -60,11 +60,22 @@ def _split_gguf(path: str) -> tuple[str, dict]:
     return path, {}
 
 
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+
+
 @functools.cache
-def resolve_attn_implementation(requested: str, device: str) -> str:
-    """``flash_attention_2`` needs CUDA and flash-attn; otherwise fall back to ``sdpa``."""
+def resolve_attn_implementation(requested: str, device: str,
+                                dtype: torch.dtype | None = None) -> str:
+    """``flash_attention_2`` needs CUDA, flash-attn and a 16-bit compute ``dtype`` (flash-attn
+    rejects float32 inputs); otherwise fall back to ``sdpa``. ``dtype`` is the dtype the
+    attention COMPUTES in (bf16 under a bf16 mixed-precision policy, whatever the master
+    weights); None: not known, assumed 16-bit."""
     if requested != "flash_attention_2":
         return requested
+    if dtype is not None and dtype not in FLASH_ATTN_DTYPES:
+        log.warning("attn_implementation=flash_attention_2 does not run in %s; using sdpa",
+                    dtype)
+        return "sdpa"
     if device.startswith("cuda"):
         try:
             import flash_attn  # noqa: F401
@@ -96,7 +107,8 @@ def load_causal_lm(ref: str, *, dtype: torch.dtype = torch.float32, device: str 
     directory, extra = _split_gguf(resolve_model_path(ref, cache_dir))
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
-        attn_implementation=resolve_attn_implementation(attn_implementation, device), **extra)
+        attn_implementation=resolve_attn_implementation(attn_implementation, device, dtype),
+        **extra)
     return model.to(device).eval()
 
 

@@ -1,7 +1,9 @@
 """On-policy rollouts: the student generating from prompts.
 
-- :mod:`kubedistill.rollout.engine`: ``RolloutEngine`` protocol, ``Sample``, backend choice;
+- :mod:`kubedistill.rollout.engine`: ``RolloutEngine`` protocol, ``Sample`` (no backend import);
+- :mod:`kubedistill.rollout.factory`: backend choice, ``make_rollout_engine``;
 - :mod:`kubedistill.rollout.hf` / :mod:`kubedistill.rollout.sglang`: the backends;
+- :mod:`kubedistill.rollout.pool`: several engines behind one (``rollout_num_engines > 1``);
 - :mod:`kubedistill.rollout.sync`: FSDP2 student -> engine weight sync (buckets), EMA.
 
 The loop that uses them is :mod:`kubedistill.train.on_policy`. Imports are lazy.
@@ -12,7 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"RolloutEngine": "engine", "Sample": "engine", "make_rollout_engine": "engine",
+_EXPORTS = {"RolloutEngine": "engine", "Sample": "engine", "make_rollout_engine": "factory",
+            "RolloutPool": "pool",
             "HFRolloutEngine": "hf", "SGLangRolloutEngine": "sglang"}
 __all__ = sorted(_EXPORTS)
 

@@ -11,13 +11,16 @@ distribution the token was drawn from: after temperature and top-p), and a finis
 - ``"stop"``: a stop token (EOS / end of turn) was sampled; it is the LAST response token;
 - ``"length"``: ``max_new_tokens`` tokens were sampled and none of them is a stop token.
 
-``load_weights(named_tensors)`` takes ``(name, tensor)`` pairs with the student's HF names
-(a bucket at a time, see :mod:`kubedistill.rollout.sync`). ``sleep()`` / ``wake()`` release and
-resume the engine's accelerator memory (no-ops where there is nothing to release).
+``load_weights(named_tensors, flush_cache)`` takes ``(name, tensor)`` pairs with the student's
+HF names (a bucket at a time, ``flush_cache`` on the last one, see
+:mod:`kubedistill.rollout.sync`). ``sleep()`` / ``wake()`` release and resume the engine's
+accelerator memory under the state machine of :class:`~kubedistill.lifecycle.EngineLifecycle`
+(no-ops where there is nothing to release).
 
 Backends: ``hf`` (:mod:`kubedistill.rollout.hf`, transformers ``generate``, any device) and
-``sglang`` (:mod:`kubedistill.rollout.sglang`, in-process ``sglang.Engine``, GPU). ``auto``
-picks sglang when CUDA is available and sglang imports, else hf.
+``sglang`` (:mod:`kubedistill.rollout.sglang`, in-process ``sglang.Engine``, GPU); several
+engines behind one (:mod:`kubedistill.rollout.pool`). The choice is made in
+:mod:`kubedistill.rollout.factory`; this module imports no backend.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ class RolloutEngine(Protocol):
                  seed: int) -> list[Sample]:
         ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                     flush_cache: bool = True) -> None:
         ...
 
     def sleep(self) -> None:
@@ -79,26 +83,3 @@ def finish(tokens: Sequence[int], stop_ids: set[int], max_new_tokens: int,
         if t in stop_ids:
             return tokens[:i + 1], "stop"
     return tokens, "length"
-
-
-def resolve_rollout_backend(name: str) -> str:
-    from kubedistill.teacher.engine import resolve_backend
-
-    return resolve_backend(name)
-
-
-def make_rollout_engine(cfg, model_path: str, device: str, model: torch.nn.Module | None = None,
-                        ) -> RolloutEngine:
-    """The engine ``cfg.rollout.rollout_backend`` asks for, loaded from ``model_path`` (the
-    student's initial weights; later weights arrive through ``load_weights``)."""
-    backend = resolve_rollout_backend(cfg.rollout.rollout_backend)
-    if backend == "sglang":
-        from kubedistill.rollout.sglang import SGLangRolloutEngine
-
-        return SGLangRolloutEngine.from_config(cfg, model_path)
-    from kubedistill.rollout.hf import HFRolloutEngine
-
-    return HFRolloutEngine.from_pretrained(model_path, device=device,
-                                           attn_implementation=cfg.model.attn_implementation,
-                                           trust_remote_code=cfg.model.trust_remote_code) \
-        if model is None else HFRolloutEngine(model)

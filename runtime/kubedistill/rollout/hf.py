@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from kubedistill.lifecycle import EngineLifecycle
 from kubedistill.rollout.engine import Sample, finish
 
 
@@ -29,7 +30,7 @@ def stop_token_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-class HFRolloutEngine:
+class HFRolloutEngine(EngineLifecycle):
     def __init__(self, model: nn.Module, stop_ids: Iterable[int] | None = None,
                  batch_size: int = 64):
         self.model = model.eval()
@@ -92,7 +93,8 @@ class HFRolloutEngine:
         return samples
 
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                     flush_cache: bool = True) -> None:  # no cache to flush
         params = dict(self.model.named_parameters(remove_duplicate=False))
         params.update(dict(self.model.named_buffers()))
         for name, tensor in named_tensors:
@@ -103,11 +105,5 @@ class HFRolloutEngine:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
-    def sleep(self) -> None:
-        pass
-
-    def wake(self) -> None:
-        pass
-
-    def close(self) -> None:
+    def _shutdown(self) -> None:  # sleep / wake: nothing to release (EngineLifecycle)
         self.model = None

@@ -16,33 +16,36 @@ matched stop token is not among the returned ids it is appended (it was sampled;
 log-prob is then unknown, NaN).
 
 Weights: :meth:`load_weights` pushes ``(name, tensor)`` pairs with
-``update_weights_from_tensor`` (one call per bucket; the caller buckets,
-:mod:`kubedistill.rollout.sync`); SGLang's loaders accept HF parameter names.
+``update_weights_from_tensor`` (one call per bucket, ``flush_cache`` only on the last; the
+caller buckets, :mod:`kubedistill.rollout.sync`); SGLang's loaders accept HF parameter names.
+Settings shared with the teacher engine (dtype, process-global ones) and the sleep / wake
+state machine live in :mod:`kubedistill.sglang_engine`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kubedistill.errors import KubedistillError
 from kubedistill.rollout.engine import Sample, finish
-from kubedistill.teacher.sglang import SGLangLifecycle
+from kubedistill.sglang_engine import SGLangEngine, common_engine_kwargs
 
 log = logging.getLogger(__name__)
 
 
-def engine_kwargs(cfg, model_path: str) -> dict[str, Any]:
+def engine_kwargs(cfg, model_path: str, index: int = 0) -> dict[str, Any]:
+    """Settings of rollout engine ``index`` (engines sit side by side on their own GPUs:
+    ``base_gpu_id = index * rollout_tp_size``). No weight backup: the student's weights are
+    pushed after every wake."""
     r = cfg.rollout
-    return dict(model_path=model_path, tp_size=r.rollout_tp_size,
-                mem_fraction_static=r.rollout_mem_fraction_static,
-                skip_tokenizer_init=True, random_seed=cfg.train.seed,
-                trust_remote_code=cfg.model.trust_remote_code,
-                enable_memory_saver=bool(cfg.train.enable_sleep))
+    return dict(common_engine_kwargs(cfg), model_path=model_path, tp_size=r.rollout_tp_size,
+                base_gpu_id=index * r.rollout_tp_size,
+                mem_fraction_static=r.rollout_mem_fraction_static)
 
 
 def parse_output(out: dict, prompt_index: int, prompt: Sequence[int], stop_ids: set[int],
@@ -68,7 +71,7 @@ def parse_output(out: dict, prompt_index: int, prompt: Sequence[int], stop_ids: 
     return Sample(prompt_index, [int(t) for t in prompt], response, kind, lps)
 
 
-class SGLangRolloutEngine(SGLangLifecycle):
+class SGLangRolloutEngine(SGLangEngine):
     def __init__(self, engine: Any, stop_ids: set[int], offload_tags: list[str] | None = None,
                  push_device: torch.device | None = None):
         self.engine = engine
@@ -77,16 +80,19 @@ class SGLangRolloutEngine(SGLangLifecycle):
         self.push_device = push_device  # where sync puts a bucket before pushing it
 
     @classmethod
-    def from_config(cls, cfg, model_path: str) -> SGLangRolloutEngine:
+    def from_config(cls, cfg, model_path: str, index: int = 0) -> SGLangRolloutEngine:
         import sglang  # lazy: GPU images only
 
         from kubedistill.rollout.hf import stop_token_ids
         from kubedistill.teacher.weights import meta_model
 
         stop = stop_token_ids(meta_model(model_path, cfg.model.trust_remote_code))
-        engine = sglang.Engine(**engine_kwargs(cfg, model_path))
+        kwargs = engine_kwargs(cfg, model_path, index)
+        engine = sglang.Engine(**kwargs)
         # buckets on the GPU travel to the engine as CUDA IPC handles, not pickled bytes
-        return cls(engine, stop, push_device=torch.device("cuda", torch.cuda.current_device()))
+        self = cls(engine, stop, push_device=torch.device("cuda", torch.cuda.current_device()))
+        self.dtype = kwargs["dtype"]
+        return self
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int = 1,
                  max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
@@ -101,9 +107,6 @@ class SGLangRolloutEngine(SGLangLifecycle):
         outs = outs if isinstance(outs, list) else [outs]
         return [parse_output(o, i // n, prompts[i // n], self.stop_ids, max_new_tokens)
                 for i, o in enumerate(outs)]
-
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.engine.update_weights_from_tensor(named_tensors=list(named_tensors))
 
     def flush(self) -> None:
         self.engine.flush_cache()

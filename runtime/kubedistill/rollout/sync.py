@@ -4,7 +4,8 @@ Every rank takes part in gathering the full state dict (``get_model_state_dict``
 ``full_state_dict=True, cpu_offload=True``: rank 0 ends with CPU tensors, the others with
 nothing); rank 0 then pushes it to its engine in buckets of at most ``bucket_bytes`` (one
 ``load_weights`` call per bucket: SGLang's ``update_weights_from_tensor`` copies a bucket at
-a time, so peak extra memory is one bucket, not the model). Tensors are cast to ``dtype``
+a time, so peak extra memory is one bucket, not the model; ``flush_cache`` is passed only with
+the last bucket, see :mod:`kubedistill.sglang_engine`). Tensors are cast to ``dtype``
 (the engine's compute dtype) before they are pushed. Tied weights appear under every name
 the state dict gives them; engines copy each one (same values).
 """
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from kubedistill.sglang_engine import with_flush_flags
 from kubedistill.train.fsdp import DistEnv, full_state_dict
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
@@ -53,10 +55,10 @@ def push(state: dict[str, torch.Tensor], engine, env: DistEnv,
         return 0
     pushed = 0
     device = getattr(engine, "push_device", None)
-    for bucket in buckets(state, bucket_bytes, dtype):
+    for bucket, last in with_flush_flags(buckets(state, bucket_bytes, dtype)):
         if device is not None:
             bucket = [(k, v.to(device, non_blocking=True)) for k, v in bucket]
-        engine.load_weights(bucket)
+        engine.load_weights(bucket, flush_cache=last)
         pushed += sum(v.numel() * v.element_size() for _, v in bucket)
     return pushed
 

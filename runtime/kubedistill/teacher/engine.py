@@ -33,6 +33,14 @@ class TeacherEngine(Protocol):
         """Hidden states ``[len(positions[i]), d]`` (float32, CPU) for each sample."""
         ...
 
+    def sleep(self) -> None:
+        """Release accelerator memory (only when awake; see kubedistill.lifecycle)."""
+        ...
+
+    def wake(self) -> None:
+        """Resume it (only when asleep)."""
+        ...
+
     def close(self) -> None:
         ...
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from kubedistill.lifecycle import EngineLifecycle
+
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
     """Indices grouped longest-first so that ``len(group) * max_len <= batch_tokens``."""
@@ -28,7 +30,7 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list
     return batches
 
 
-class HFTeacherEngine:
+class HFTeacherEngine(EngineLifecycle):
     def __init__(self, model: nn.Module, batch_tokens: int = 4096):
         self.model = model.eval()
         self.body = model.base_model
@@ -56,5 +58,5 @@ class HFTeacherEngine:
                 out[r] = hidden[j].index_select(0, pos).float().cpu()
         return out
 
-    def close(self) -> None:
+    def _shutdown(self) -> None:  # sleep / wake: nothing to release (EngineLifecycle)
         self.model = self.body = None

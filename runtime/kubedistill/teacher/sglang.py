@@ -9,9 +9,12 @@ prefix reuse across samples, so every state comes from a full prefill),
 with ``teacher_offload_tags`` (``all`` = every tag). Only SGLang's public Engine API is used.
 
 Requests send ``input_ids`` (never text, so positions line up with the prepared masks) with
-``sampling_params={"max_new_tokens": 0}`` and ``return_hidden_states=True``. SGLang 0.5.x
-returns ``meta_info["hidden_states"]``: a list whose first item holds the prefill states,
-``[prompt_len, d]`` (nested lists), one later item per generated token (none here).
+``sampling_params={"max_new_tokens": 0}`` and ``return_hidden_states=True``, at most
+``teacher_batch_tokens`` tokens per call (the engine runs without chunked prefill, see
+:mod:`kubedistill.teacher.sglang_states`). SGLang 0.5.x returns ``meta_info["hidden_states"]``:
+a list whose first item holds the prefill states, ``[prompt_len, d]`` (nested lists), one
+later item per generated token; with ``max_new_tokens=0`` exactly one block is accepted.
+A sleeping teacher keeps its weights through ``enable_weights_cpu_backup``.
 
 Post-norm or not: for the Llama/Qwen/Mistral/Gemma families SGLang's model ``forward``
 applies the final norm before its ``LogitsProcessor``, whose input is what it stores, and
@@ -32,60 +35,54 @@ from typing import Any
 
 import torch
 
-from kubedistill.config import Config, split_list
+from kubedistill.config import Config
 from kubedistill.errors import KubedistillError
+from kubedistill.sglang_engine import (
+    SGLangEngine,
+    common_engine_kwargs,
+    needs_weights_backup,
+    offload_tags,
+)
 from kubedistill.teacher.head import TeacherHead
+from kubedistill.teacher.sglang_states import budget_groups, prefill_states
 
 log = logging.getLogger(__name__)
 _PROBE = list(range(100, 164))
-_TOLERANCE = 0.05  # max |logprob difference| of the probe (bf16 engines)
 
 
 def engine_kwargs(cfg: Config, model_path: str) -> dict[str, Any]:
+    """The teacher's ``sglang.Engine`` settings (see the module docstring and
+    :mod:`kubedistill.sglang_engine` for why each one is there)."""
     kd = cfg.kd
+    tags = offload_tags(kd.teacher_offload_tags)
     kwargs: dict[str, Any] = dict(
+        common_engine_kwargs(cfg),
         model_path=model_path, tp_size=kd.teacher_tp_size, ep_size=kd.teacher_ep_size,
         pp_size=kd.teacher_pp_size, dp_size=kd.teacher_dp_size,
-        mem_fraction_static=kd.teacher_mem_fraction_static,
-        enable_return_hidden_states=True, disable_radix_cache=True, skip_tokenizer_init=True,
-        trust_remote_code=cfg.model.trust_remote_code, random_seed=cfg.train.seed,
-        enable_memory_saver=bool(cfg.train.enable_sleep))
+        mem_fraction_static=kd.teacher_mem_fraction_static, disable_radix_cache=True,
+        # no chunked prefill: a chunked request gets the wrong hidden-state rows
+        # (teacher/sglang_states.py); calls are split to this budget instead
+        chunked_prefill_size=-1, max_prefill_tokens=int(cfg.cache.teacher_batch_tokens))
+    if needs_weights_backup(cfg.train.enable_sleep, tags):
+        kwargs["enable_weights_cpu_backup"] = True  # released weights come back (>= 0.5.3)
     if kd.teacher_quantization:
         kwargs["quantization"] = kd.teacher_quantization
     return kwargs
 
 
-def prefill_states(hidden: Any, n_tokens: int, hidden_size: int) -> torch.Tensor:
-    """``meta_info["hidden_states"]`` -> ``[n_tokens, d]`` float32 (prefill part only)."""
-    first = torch.as_tensor(hidden[0], dtype=torch.float32)
-    states = first if first.dim() >= 2 else torch.as_tensor(hidden, dtype=torch.float32)
-    states = states.reshape(-1, hidden_size)
-    if states.shape[0] < n_tokens:
-        raise KubedistillError(f"sglang returned {states.shape[0]} hidden states for a "
-                               f"{n_tokens}-token prompt")
-    return states[:n_tokens]
+def probe_tolerance(dtype: str) -> float:
+    """Max |log-prob difference| the start-up probe accepts.
+
+    The engine computes its log-probs from bf16 (fp16) logits: rounding a logit of magnitude
+    16-32 to bf16 moves it by up to 2^-4 = 0.0625, and a log-softmax mixes the target's error
+    with the normaliser's, so a GOOD bf16 engine can differ from our float32 rebuild by
+    ~0.125; 0.05 would refuse it. The wrong choice (pre- vs post-norm states) is off by
+    nats, so 0.25 still separates the two cases. float32 engines get 0.01.
+    """
+    return 0.01 if dtype == "float32" else 0.25
 
 
-class SGLangLifecycle:
-    """Memory release/resume (colocation) and shutdown of an in-process ``sglang.Engine``
-    held as ``self.engine``, with ``self.offload_tags`` naming what to release."""
-
-    engine: Any
-    offload_tags: list[str] | None
-
-    def sleep(self) -> None:
-        self.engine.release_memory_occupation(tags=self.offload_tags)
-
-    def wake(self) -> None:
-        self.engine.resume_memory_occupation(tags=self.offload_tags)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
-
-
-class SGLangTeacherEngine(SGLangLifecycle):
+class SGLangTeacherEngine(SGLangEngine):
     def __init__(self, engine: Any, hidden_size: int, head: TeacherHead,
                  final_norm: torch.nn.Module | None, offload_tags: list[str] | None):
         self.engine = engine
@@ -94,6 +91,7 @@ class SGLangTeacherEngine(SGLangLifecycle):
         self.final_norm = final_norm
         self.apply_norm = False
         self.offload_tags = offload_tags
+        self.batch_tokens = 16384  # token budget of one generate call
 
     @classmethod
     def from_config(cls, cfg: Config, model_path: str) -> SGLangTeacherEngine:
@@ -105,10 +103,11 @@ class SGLangTeacherEngine(SGLangLifecycle):
                                      cfg.model.trust_remote_code)
         hidden_size = int(model.config.get_text_config().hidden_size)
         head = TeacherHead.from_pretrained(model_path, cfg.model.trust_remote_code)
-        tags = split_list(cfg.kd.teacher_offload_tags)
-        engine = sglang.Engine(**engine_kwargs(cfg, model_path))
+        kwargs = engine_kwargs(cfg, model_path)
+        engine = sglang.Engine(**kwargs)
         self = cls(engine, hidden_size, head, norm.float().eval(),
-                   None if tags in ([], ["all"]) else tags)
+                   offload_tags(cfg.kd.teacher_offload_tags))
+        self.dtype, self.batch_tokens = kwargs["dtype"], kwargs["max_prefill_tokens"]
         self.check_post_norm()
         return self
 
@@ -136,9 +135,10 @@ class SGLangTeacherEngine(SGLangLifecycle):
         as_is, normed = error(states), error(self.final_norm(states))
         log.info("sglang hidden-state probe: max |dlogprob| as returned %.4f, after the final "
                  "norm %.4f", as_is, normed)
-        if as_is <= _TOLERANCE:
+        tolerance = probe_tolerance(self.dtype)
+        if as_is <= tolerance and as_is <= normed:
             return
-        if normed <= _TOLERANCE:
+        if normed <= tolerance:
             log.warning("sglang returns pre-norm hidden states; applying the teacher's final "
                         "norm here")
             self.apply_norm = True
@@ -153,7 +153,9 @@ class SGLangTeacherEngine(SGLangLifecycle):
         todo = [i for i, p in enumerate(positions) if len(p)]
         if not todo:
             return result
-        outputs = self._generate([sequences[i] for i in todo])
+        outputs: list[dict] = []
+        for group in budget_groups([len(sequences[i]) for i in todo], self.batch_tokens):
+            outputs += self._generate([sequences[todo[g]] for g in group])
         for i, out in zip(todo, outputs, strict=True):
             states = prefill_states(out["meta_info"]["hidden_states"], len(sequences[i]),
                                     self.hidden_size)

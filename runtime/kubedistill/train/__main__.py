@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, parse_overrides(rest))
-    from kubedistill.train.trainer import run_worker
+    from kubedistill.train.worker import run_worker
 
     try:
         run_worker(cfg)

@@ -2,8 +2,9 @@
 
 While the rollout and teacher engines run, the student's AdamW moments (DTensor shards
 included) wait on the CPU; while the student trains, SGLang engines release their GPU memory
-(``sleep``) and take it back before they run again (``wake``). Off CUDA, or without
-``enable_sleep``, every call is a no-op.
+(``sleep``) and take it back before they run again (``wake``); the engines' own state machine
+(:class:`kubedistill.lifecycle.EngineLifecycle`) turns a wake of an awake engine, or a sleep of
+a sleeping one, into a no-op. Off CUDA, or without ``enable_sleep``, every call is a no-op.
 """
 
 from __future__ import annotations

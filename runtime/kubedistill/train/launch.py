@@ -4,18 +4,16 @@ Outside ``torchrun`` it writes the resolved config to ``{work_dir}/train/config.
 starts ``torchrun`` with ``num_gpus_per_node`` processes per node (on CPU: the number of
 processes), ``num_nodes`` nodes (then ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` or
 torchrun's ``PET_*`` variables name the rendezvous, as Kubeflow Trainer sets them), and
-waits. Under ``torchrun`` it runs the worker (:func:`kubedistill.train.trainer.run_worker`)
+waits. Under ``torchrun`` it runs the worker (:func:`kubedistill.train.worker.run_worker`)
 in this process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 
 from kubedistill import storage
@@ -31,11 +29,7 @@ def under_torchrun() -> bool:
 
 def local_work_dir(cfg: Config) -> str:
     """A local directory for this run's local files (``work_dir`` itself when local)."""
-    wd = cfg.storage.work_dir
-    if storage.is_local(wd):
-        return storage.local_path(wd)
-    tag = hashlib.sha256(wd.encode()).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), "kubedistill-work", tag)
+    return storage.local_dir_for(cfg.storage.work_dir)
 
 
 def _pdeathsig_setter() -> Callable[[], None] | None:
@@ -78,7 +72,7 @@ def train(cfg: Config, tracker_factory: Callable | None = None) -> str:
     process (under torchrun); spawned workers find ``kubedistill.tracking.make_tracker``.
     """
     if under_torchrun():
-        from kubedistill.train.trainer import run_worker
+        from kubedistill.train.worker import run_worker
 
         return run_worker(cfg, tracker_factory)
     cfg.validate(cfg.train.num_nodes * cfg.train.num_gpus_per_node)

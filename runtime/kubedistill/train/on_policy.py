@@ -1,13 +1,16 @@
 """On-policy distillation: the student samples, a live teacher scores, the student learns.
 
-Selected by ``rollout_num_engines > 0`` (KDFlow's switch; the on-policy recipe sets 1).
+Selected by ``rollout_num_engines > 0`` (KDFlow's switch; the on-policy recipe sets 1); with
+more than one engine the prompts are split across them (:mod:`kubedistill.rollout.pool`).
 Read :meth:`OnPolicyTrainer.fit`: it is the table of contents. One ITERATION:
 
 1. rollout (rank 0): ``rollout_batch_size`` prompts of a seeded per-epoch shuffle of the
    prepared train split x ``n_samples_per_prompt`` samples from the rollout engine
    (``hf`` / ``sglang``, :mod:`kubedistill.rollout`), seeded by (seed, iteration);
 2. teacher (rank 0): the live ``TeacherEngine`` on ``teacher prompt + response`` -> final
-   hidden states at the positions predicting the response tokens; everything is broadcast.
+   hidden states at the positions predicting the response tokens, one forward call per
+   ``teacher_forward_n_batches`` global batches of samples (KDFlow's grouping); everything
+   is broadcast.
    A teacher with another tokenizer (the prepared data has a vocabulary map; ``simple_ctkd``
    or ``dskd``) gets the response re-tokenized, and the samples carry the alignment of the
    two tokenizations (:class:`~kubedistill.crosstok.bridge.TokenizerBridge`);
@@ -25,7 +28,9 @@ response. It is replaced by the student every ``teacher_update_freq`` iterations
 (``a = teacher_ema_decay``). Its lm_head, which the algorithm uses, follows on every rank.
 
 Colocation (``enable_sleep`` on CUDA): the student's optimizer state moves to CPU while the
-engines run; SGLang engines release their memory while the student trains.
+engines run; SGLang engines release their memory while the student trains. Engines follow
+the state machine of :mod:`kubedistill.lifecycle` (wake only when asleep, sleep only when
+awake), and are closed together with SIGQUIT ignored (``close_all``).
 
 Counting: ``save_steps`` and ``logging_steps`` count optimizer steps, as off-policy; a
 checkpoint is written at the end of the iteration in which a multiple of ``save_steps`` was
@@ -53,9 +58,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from kubedistill import storage
 from kubedistill.config import Config
 from kubedistill.errors import ConfigError
-from kubedistill.rollout.engine import Sample, make_rollout_engine
+from kubedistill.lifecycle import close_all
+from kubedistill.rollout.engine import Sample
+from kubedistill.rollout.factory import check_colocated_settings, make_rollout_engine
 from kubedistill.rollout.sync import gather_student, push
 from kubedistill.teacher.head import TeacherHead
 from kubedistill.tracking.base import NullTracker, Tracker
@@ -64,7 +72,6 @@ from kubedistill.train.colocate import Colocation
 from kubedistill.train.diagnostics import WithDiagnostics
 from kubedistill.train.export import export_hf
 from kubedistill.train.fsdp import DistEnv
-from kubedistill.train.launch import local_work_dir
 from kubedistill.train.on_policy_data import (
     load_prompts,
     rollout_split,
@@ -91,9 +98,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"on-policy training needs a teacher signal: kd_algorithm "
                           f"'{kd.kd_algorithm}' with kd_ratio {kd.kd_ratio} has none")
     if cfg.rollout.n_samples_per_prompt < 1 or cfg.rollout.rollout_batch_size < 1 \
-            or cfg.rollout.generate_max_len < 1:
-        raise ConfigError("rollout_batch_size, n_samples_per_prompt and generate_max_len "
-                          "must be >= 1")
+            or cfg.rollout.generate_max_len < 1 or kd.teacher_forward_n_batches < 1:
+        raise ConfigError("rollout_batch_size, n_samples_per_prompt, generate_max_len and "
+                          "teacher_forward_n_batches must be >= 1")
 
 
 def cross_tokenizer_map(cfg: Config):
@@ -141,7 +148,7 @@ class OnPolicyTrainer(Trainer):
         check_config(cfg)
         self.tracker = tracker or NullTracker()
         _seed_everything(t.seed, t.full_determinism)
-        self.local_dir = local_work_dir(cfg)
+        self.local_dir = storage.local_dir_for(cfg.storage.work_dir)
         self.student_ref = resolve_student(cfg, env, self.local_dir)
         self.vocab_map = cross_tokenizer_map(cfg)
         self.prompts = load_prompts(cfg.prepared_path, cfg.data.train_split,
@@ -184,6 +191,7 @@ class OnPolicyTrainer(Trainer):
 
         cfg, device = self.cfg, resolve_device(self.cfg)
         student_path = self._path(self.student_ref)
+        check_colocated_settings(cfg, student_path, self.teacher_path)
         self.rollout_engine = make_rollout_engine(cfg, student_path, device)
         if self.self_distill:  # theta_T lives in an HF module; the engine serves it
             from kubedistill.models import load_causal_lm
@@ -268,8 +276,7 @@ class OnPolicyTrainer(Trainer):
             requests = teacher_requests(
                 samples, [self.prompts.teacher_prompts[chosen[s.prompt_index]] for s in samples],
                 self.bridge)
-            hidden = self.teacher_engine.final_states([q.tokens for q in requests],
-                                                      [q.positions for q in requests])
+            hidden = self.teacher_states(requests)
             self.colocation.sleep(self.teacher_engine)
             times["teacher"] = time.perf_counter() - start
             ids = [f"it{c.iteration}:{self.prompts.ids[chosen[s.prompt_index]]}:"
@@ -288,6 +295,17 @@ class OnPolicyTrainer(Trainer):
                  "rollout/prompts_over_max_len": len(self.prompts.skipped)}
         return (rollout_split(ids, samples, requests), rollout_teacher(ids, requests, hidden),
                 stats)
+
+    def teacher_states(self, requests) -> list[torch.Tensor]:
+        """The live teacher on ``requests``, ``teacher_forward_n_batches`` global batches
+        (``train_batch_size`` samples each) per forward call, as KDFlow groups them."""
+        per_call = self.cfg.kd.teacher_forward_n_batches * self.cfg.train.train_batch_size
+        hidden: list[torch.Tensor] = []
+        for lo in range(0, len(requests), per_call):
+            group = requests[lo:lo + per_call]
+            hidden += self.teacher_engine.final_states([q.tokens for q in group],
+                                                       [q.positions for q in group])
+        return hidden
 
     def train_iteration(self, split, teacher, stats, progress, times) -> None:
         self.colocation.reload(self.optimizer)
@@ -352,10 +370,12 @@ class OnPolicyTrainer(Trainer):
                                     **metrics}) + "\n")
 
     def _engine_dtype(self) -> torch.dtype | None:
-        model = getattr(self.rollout_engine, "model", None)
+        engine = self.rollout_engine
+        engine = engine.engines[0] if hasattr(engine, "engines") else engine
+        model = getattr(engine, "model", None)
         if model is not None:
             return next(model.parameters()).dtype
-        return torch.bfloat16
+        return getattr(engine, "compute_dtype", torch.bfloat16)
 
     # ---- state ---------------------------------------------------------------------------
     def save(self) -> None:
@@ -410,7 +430,8 @@ class OnPolicyTrainer(Trainer):
         return box[0]
 
     def close_engines(self) -> None:
-        for engine in (self.rollout_engine, self.teacher_engine):
-            if engine is not None:
-                engine.close()
-        self.rollout_engine = self.teacher_engine = None
+        """Close both engines together: closing one SGLang engine kills the other's
+        scheduler, whose watchdog SIGQUITs us (kubedistill.lifecycle.close_all)."""
+        engines, self.rollout_engine, self.teacher_engine = \
+            (self.rollout_engine, self.teacher_engine), None, None
+        close_all(engines)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from kubedistill import storage
 from kubedistill.errors import KubedistillError
 from kubedistill.rollout.sync import buckets, ema_update
+from kubedistill.sglang_engine import SGLangEngine, with_flush_flags
 from kubedistill.train.fsdp import DistEnv
 
 PREFIX = "teacher_step_"
@@ -48,11 +49,15 @@ class SelfDistillTeacher:
         self.broadcast_head()
 
     def push(self) -> None:
-        """An SGLang teacher engine serves its own copy: push theta_T to it."""
-        engine = getattr(self.engine, "engine", None)
-        if engine is not None and hasattr(engine, "update_weights_from_tensor"):
-            for bucket in buckets(self.model.state_dict(), dtype=torch.bfloat16):
-                engine.update_weights_from_tensor(named_tensors=bucket)
+        """An SGLang teacher engine serves its own copy: push theta_T to it, awake (the push
+        comes while the teacher sleeps between iterations; pushing into released memory is
+        an illegal memory access in the scheduler), back to sleep after."""
+        if not isinstance(self.engine, SGLangEngine):
+            return  # the hf engine serves ``self.model`` itself
+        with self.engine.awake():
+            state = self.model.state_dict()
+            for bucket, last in with_flush_flags(buckets(state, dtype=self.engine.compute_dtype)):
+                self.engine.load_weights(bucket, flush_cache=last)
 
     def broadcast_head(self) -> None:
         """Every rank's algorithm head <- rank 0's theta_T lm_head."""

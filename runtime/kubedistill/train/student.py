@@ -95,7 +95,10 @@ def load_student(ref: str, cfg: Config, env: DistEnv,
     from kubedistill.models.loading import resolve_attn_implementation, resolve_model_path
 
     path = resolve_model_path(ref, cfg.storage.model_cache_dir)
-    attn = resolve_attn_implementation(cfg.model.attn_implementation, env.device.type)
+    # attention computes in bf16 under the bf16 mixed-precision policy (always on GPU,
+    # kubedistill.train.fsdp.mixed_precision), in float32 otherwise
+    compute = torch.bfloat16 if env.device.type == "cuda" or cfg.train.bf16 else torch.float32
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, env.device.type, compute)
     remote = cfg.model.trust_remote_code
     if env.is_main or env.world_size == 1:
         model = AutoModelForCausalLM.from_pretrained(

@@ -30,7 +30,6 @@ from kubedistill.train import data
 from kubedistill.train.checkpoint import Checkpointer
 from kubedistill.train.export import export_hf, write_summary
 from kubedistill.train.fsdp import DistEnv, all_reduce_sum, build_mesh, mixed_precision, shard
-from kubedistill.train.launch import local_work_dir
 from kubedistill.train.optim import build_optimizer, build_scheduler
 from kubedistill.train.student import DistillModule, load_student, materialize, resolve_student
 
@@ -56,7 +55,7 @@ class Trainer:
         self.cfg, self.env, t = cfg, env, cfg.train
         self.tracker = tracker or NullTracker()
         _seed_everything(t.seed, t.full_determinism)
-        self.local_dir = local_work_dir(cfg)
+        self.local_dir = storage.local_dir_for(cfg.storage.work_dir)
         self.student_ref = resolve_student(cfg, env, self.local_dir)
         self.train_split = data.load_prepared(cfg.prepared_path, cfg.data.train_split)
         if self.train_split is None:
@@ -318,41 +317,3 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train",
                 dynamic_ncols=True)
-
-
-def default_tracker_factory():
-    """``kubedistill.tracking.make_tracker`` when the tracking module provides it."""
-    try:
-        from kubedistill.tracking import make_tracker
-    except ImportError:
-        return None
-    return make_tracker
-
-
-def trainer_class(cfg: Config) -> type:
-    """:class:`Trainer` (off-policy / SFT), or the on-policy loop when
-    ``rollout_num_engines > 0`` (:mod:`kubedistill.train.on_policy`)."""
-    if cfg.rollout.rollout_num_engines > 0:
-        from kubedistill.train.on_policy import OnPolicyTrainer
-
-        return OnPolicyTrainer
-    return Trainer
-
-
-def run_worker(cfg: Config, tracker_factory=None) -> str:
-    """One rank of the run (under torchrun, or alone as a world of one)."""
-    from kubedistill.train.fsdp import close, init_distributed
-
-    env = init_distributed(cfg.train.device)
-    factory = tracker_factory or default_tracker_factory()
-    tracker = factory(cfg, "train") if (factory and env.is_main) else NullTracker()
-    try:
-        out = trainer_class(cfg)(cfg, env, tracker).fit()
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    else:
-        tracker.close("FINISHED")
-    finally:
-        close()
-    return out
