@@ -181,7 +181,8 @@ def test_real_vocab_map(real_pair):
     vmap = build_vocab_map(s, t)
     st, tt = vmap.student_ids.tolist(), vmap.teacher_ids.tolist()
     assert len(set(st)) == len(st) and len(set(tt)) == len(tt)
-    assert len(vmap) > 30_000
+    # measured 39,237 shared ids (docs/benchmarks.md, "Alignment of real tokenizers")
+    assert len(vmap) == pytest.approx(39_237, rel=0.005)
     for a, b in list(zip(st, tt, strict=True))[::997]:
         assert s.decode([a]) == t.decode([b]), (a, b)
     special = dict(zip(st, tt, strict=True))
@@ -204,7 +205,7 @@ def test_real_alignment_plain_text_decodes_to_the_same_prefix(real_pair, texts):
         total += len(si)
     print(f"\nplain text: {aligned}/{total} student positions aligned "
           f"({aligned / total:.3f})")
-    assert aligned / total > 0.6
+    assert aligned / total > 0.96  # measured 14,836 / 15,350 = 0.967 (docs/benchmarks.md)
 
 
 def test_real_alignment_chat_templates_loss_positions(real_pair, texts):
@@ -229,7 +230,7 @@ def test_real_alignment_chat_templates_loss_positions(real_pair, texts):
         aligned += len(pairs)
         total += int(sum(s_mask[1:]))
     print(f"\nchat template, loss positions: {aligned}/{total} aligned ({aligned / total:.3f})")
-    assert aligned / total > 0.6
+    assert aligned / total > 0.96  # measured 8,960 / 9,247 = 0.969 (docs/benchmarks.md)
 
 
 def _response_mask(tok, chat, ids):
@@ -273,4 +274,4 @@ def test_real_bridge_retokenizes_rollouts_for_the_teacher(real_pair, texts):
         total += len(response)
     print(f"\non-policy bridge: {aligned}/{total} student response targets aligned "
           f"({aligned / total:.3f})")
-    assert aligned / total > 0.6
+    assert aligned / total > 0.965  # measured 2,889 / 2,966 = 0.974 (this test, -s)
