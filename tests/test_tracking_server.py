@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, free_port
-from test_evaluate_stage import eval_rows, make_cfg, write_prepared
+from test_evaluate_stage import make_cfg, prepare_qa
 
 from kubedistill.config import Config
 from kubedistill.errors import ServiceUnavailable
@@ -103,8 +103,7 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     from kubedistill.evaluate.stage import evaluate
     from kubedistill.tracking.registry import promote, register
 
-    prepared = write_prepared(str(tmp_path / "prepared"),
-                              eval_rows(load_tokenizer(tiny_model_dir)))
+    prepared = prepare_qa(str(tmp_path / "prepared"), tiny_model_dir)
     client = MlflowClient(server.url, server.url)
 
     # run 1: first version becomes champion
