@@ -7,6 +7,7 @@ are built from configs with the real SmolLM2 tokenizer.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -141,6 +142,35 @@ def wordlevel_tokenizer_dir(tmp_path_factory) -> str:
                          "[EOS] {% endfor %}{% if add_generation_prompt %}[BOS] assistant : "
                          "{% endif %}")
     out = str(tmp_path_factory.mktemp("wordlevel"))
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_dir(tmp_path_factory) -> str:
+    """A REAL SentencePiece-style tokenizer, trained here with ``tokenizers`` (no installed
+    package ships a SentencePiece ``.model``, and the ``sentencepiece`` module is not
+    installed): the Llama/Gemma layout, i.e. words split with the ``▁`` (U+2581) prefix, BPE
+    pieces, byte fallback to the 256 ``<0xNN>`` tokens, and the decoder that turns ``▁``
+    back into spaces. 2,000 pieces trained on 300 GSM8K demo rows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kubedistill.data.demo import resolve_packaged
+
+    with open(resolve_packaged("gsm8k-train"), encoding="utf-8") as f:
+        demo = [json.loads(next(f)) for _ in range(300)]
+    raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                 split=True)
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    raw.train_from_iterator([d["question"] + "\n" + d["answer"] for d in demo],
+                            trainers.BpeTrainer(vocab_size=2000, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    out = str(tmp_path_factory.mktemp("sentencepiece"))
     tok.save_pretrained(out)
     return out
 

@@ -27,11 +27,43 @@ def test_gate_follows_the_registry_rule(tmp_path):
     client.set_registered_model_alias("m", "champion", v1)
     worse = _version(client, "m", 2.5)
     beats, reason = registry_verdict(cfg, {"tracking_uri": uri, "name": "m", "version": worse})
-    assert beats is False and "does not beat" in reason
+    assert beats is False and reason == ("eval_ce 2.5 does not beat champion 2 by at least "
+                                         "min_improvement=0 (lower is better)")
     assert promotion_decision({"beats_champion": beats}) == "keep"
     better = _version(client, "m", 1.5)
     beats, _ = registry_verdict(cfg, {"tracking_uri": uri, "name": "m", "version": better})
     assert beats is True
+
+
+def test_gate_with_a_higher_is_better_metric_and_min_improvement(tmp_path):
+    """eval_accuracy (higher is better): a lower score keeps the champion, a higher one by
+    less than min_improvement keeps it too, one by more promotes."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("acc")
+
+    def version(score: float) -> str:
+        tags = {"score": str(score), "score_metric": "eval_accuracy", "higher_is_better": "true",
+                "eval_data_hash": "h1"}
+        return str(client.create_model_version("acc", source="file:///tmp/none",
+                                               tags=tags).version)
+
+    client.set_registered_model_alias("acc", "champion", version(0.50))
+    cfg = Config()
+    cfg.eval.min_improvement = 0.05
+
+    def verdict(score: float) -> tuple[bool, str]:
+        return registry_verdict(cfg, {"tracking_uri": uri, "name": "acc",
+                                      "version": version(score)})
+
+    lower, small, large = verdict(0.40), verdict(0.53), verdict(0.60)
+    assert lower[0] is False and "(higher is better)" in lower[1]
+    assert small[0] is False and "min_improvement=0.05" in small[1]
+    assert large == (True, "eval_accuracy 0.6 beats champion 0.5 by 0.1")
+    assert [promotion_decision({"beats_champion": v[0]}) for v in (lower, small, large)] == \
+        ["keep", "keep", "promote"]
 
 
 def test_gate_unknown_when_the_registry_cannot_be_asked(tmp_path):
