@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -158,7 +157,7 @@ def test_simple_ctkd_two_ranks_follow_the_one_rank_run(prepared, base, tmp_path)
                                             "train/aligned"))
     for r in two["log"]:
         assert r["train/kd"] > 0
-        assert 0.9 < r["train/aligned"] <= 1.0  # ALIGNED_MEASURED
+        assert 0.9 < r["train/aligned"] <= 1.0  # docs/benchmarks.md: 0.969 on chat-templated GSM8K
 
 
 @pytest.fixture(scope="module")
@@ -237,11 +236,14 @@ def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm):
     steps = [r for r in rows if "train/loss" in r]
     iters = [r for r in rows if "iteration" in r]
     assert len(steps) == 2 and len(iters) == 2
+    # measured (seed 3, both algorithms): aligned 0.958 at both steps; KD term 0.021
+    # (simple_ctkd) / 0.028 (dskd); diagnostics KL 0.022, top-1 agreement 0.76 and 0.72
+    # (random tiny models: both near uniform, hence the small KL)
     for r in steps:
-        assert np.isfinite(r["train/loss"]) and r["train/kd"] > 0
-        assert 0.3 < r["train/aligned"] <= 1.0
+        assert 0.95 < r["train/aligned"] <= 1.0
+        assert 0.01 < r["train/kd"] < 0.06
     for r in iters:
-        assert r["onpolicy/kl"] > 0 and 0 <= r["onpolicy/top1_agree"] <= 1
+        assert 0.01 < r["onpolicy/kl"] < 0.05 and 0.6 < r["onpolicy/top1_agree"] < 0.9
     assert os.path.exists(wd / "model" / "model.safetensors")
 
 

@@ -289,11 +289,14 @@ def test_torchrun_on_policy_run(straight):
     iters = [r for r in log if "iteration" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["iteration"] for r in iters] == [1, 2, 3]
+    # measured (seed 5): the random tiny student never samples a stop token among 49,152 ids
+    # in 10 tokens, so every sample is truncated at generate_max_len; diagnostics KL
+    # 0.031 / 0.020 / 0.035 and top-1 agreement 0.57 / 0.11 / 0.27 over the 3 iterations
     for r in iters:
         assert r["rollout/samples"] == 8 and r["rollout/prompts_over_max_len"] == 1
-        assert 1 <= r["rollout/response_len"] <= 10
-        assert 0.0 <= r["rollout/truncation_rate"] <= 1.0
-        assert r["onpolicy/kl"] > 0 and 0 <= r["onpolicy/top1_agree"] <= 1
+        assert r["rollout/truncation_rate"] == 1.0
+        assert r["rollout/response_len"] == r["rollout/response_len_max"] == 10
+        assert 0.01 < r["onpolicy/kl"] < 0.05 and 0.05 < r["onpolicy/top1_agree"] < 0.7
         assert all(r[f"time/{p}_s"] >= 0 for p in ("rollout", "teacher", "train", "sync"))
     for r in steps:  # kd_ratio 1: the loss is the KD term alone
         assert r["train/loss"] == pytest.approx(r["train/kd"], rel=1e-5)

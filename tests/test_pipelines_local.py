@@ -22,6 +22,8 @@ from kubedistill.pipelines.local import run
 STAGES = ("prepare", "cache-teacher[1/2]", "cache-teacher[2/2]", "merge-cache", "train",
           "evaluate", "register", "promote")
 
+pytestmark = pytest.mark.timeout(900)  # whole kfp.local pipelines (the sft test runs two)
+
 
 @pytest.fixture
 def clean_env(monkeypatch):

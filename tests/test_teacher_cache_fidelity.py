@@ -14,7 +14,7 @@ from kubedistill.config import load_config
 from kubedistill.teacher.cache import cache_teacher, read_teacher_rows
 from kubedistill.teacher.reader import TeacherCache
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # three real SmolLM2 cache runs
 
 
 @pytest.fixture(scope="module")
