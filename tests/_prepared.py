@@ -53,22 +53,17 @@ def build_rows(tok, items: list[dict], source: str, max_tokens: int,
     return rows
 
 
-def write_prepared(out_dir: str, tokenizer_dir: str, n_train: int = 32, n_eval: int = 8,
-                   max_tokens: int = 64, teacher_variant: bool = False) -> str:
-    """Write a prepared dataset to ``out_dir`` (local) as the prepare stage does: the stage's
-    own table schema and Parquet writer, and a manifest whose ``data_hash`` is built from the
-    splits' CONTENT hashes (docs/contracts.md), never from Parquet bytes. Returns ``out_dir``."""
-    from transformers import AutoTokenizer
-
+def write_splits(out_dir: str, splits_rows: dict[str, list[dict]]) -> str:
+    """Write ``{split: rows}`` (rows of the prepared schema) to ``out_dir`` as the prepare
+    stage does: its table schema and Parquet writer, and a manifest whose ``data_hash`` is
+    built from the splits' CONTENT hashes (docs/contracts.md), never from Parquet bytes.
+    A split left out is written empty. Returns ``out_dir``."""
     from kubedistill.data import prepared
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    items = gsm8k(n_train + n_eval)
     os.makedirs(out_dir, exist_ok=True)
     splits = {}
-    for split, chunk in (("train", items[:n_train]), ("eval", items[n_train:])):
-        table = prepared.to_table(build_rows(tok, chunk, f"gsm8k-{split}", max_tokens,
-                                             teacher_variant))
+    for split in prepared.SPLITS:
+        table = prepared.to_table(splits_rows.get(split, []))
         blob = prepared.table_bytes(table)
         with open(os.path.join(out_dir, f"{split}.parquet"), "wb") as f:
             f.write(blob)
@@ -82,3 +77,16 @@ def write_prepared(out_dir: str, tokenizer_dir: str, n_train: int = 32, n_eval: 
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     return out_dir
+
+
+def write_prepared(out_dir: str, tokenizer_dir: str, n_train: int = 32, n_eval: int = 8,
+                   max_tokens: int = 64, teacher_variant: bool = False) -> str:
+    """GSM8K rows (see the module doc) written with :func:`write_splits`; returns
+    ``out_dir``."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    items = gsm8k(n_train + n_eval)
+    return write_splits(out_dir, {
+        split: build_rows(tok, chunk, f"gsm8k-{split}", max_tokens, teacher_variant)
+        for split, chunk in (("train", items[:n_train]), ("eval", items[n_train:]))})

@@ -46,14 +46,11 @@ def _rows(n: int, seed: int, split: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    import pyarrow.parquet as pq
+    from _prepared import write_splits
 
-    from kubedistill.data.prepared import to_table
-
-    root = tmp_path_factory.mktemp("prepared")
-    for split, n, seed in (("train", N_PROMPTS, 0), ("eval", 4, 1)):
-        pq.write_table(to_table(_rows(n, seed, split)), root / f"{split}.parquet")
-    return str(root)
+    return write_splits(str(tmp_path_factory.mktemp("prepared")), {
+        split: _rows(n, seed, split) for split, n, seed in (("train", N_PROMPTS, 0),
+                                                            ("eval", 4, 1))})
 
 
 def _config(root, name: str, base: dict, **over) -> Config:

@@ -126,17 +126,15 @@ def _rows_of(split: data.PreparedSplit) -> list[dict]:
 def real_cache(tiny_teacher_dir, tmp_path_factory):
     """The REAL teacher cache stage (tiny teacher, fp32) over ``make_split(3)`` written as
     prepared parquet; returns (split, TeacherCache)."""
-    import pyarrow.parquet as pq
+    from _prepared import write_splits
 
     from kubedistill.config import Config
-    from kubedistill.data.prepared import to_table
     from kubedistill.teacher.cache import cache_teacher
     from kubedistill.teacher.reader import TeacherCache
 
     root = tmp_path_factory.mktemp("train_data_cache")
     split = make_split(3)
-    (root / "prepared").mkdir()
-    pq.write_table(to_table(_rows_of(split)), root / "prepared" / "train.parquet")
+    write_splits(str(root / "prepared"), {"train": _rows_of(split)})
     cfg = Config().update(dict(teacher_name_or_path=tiny_teacher_dir,
                                prepared_path=str(root / "prepared"),
                                teacher_cache_path=str(root / "cache"), teacher_backend="hf",

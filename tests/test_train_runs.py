@@ -42,14 +42,11 @@ def _rows(n: int, seed: int, split: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    import pyarrow.parquet as pq
+    from _prepared import write_splits
 
-    from kubedistill.data.prepared import to_table
-
-    root = tmp_path_factory.mktemp("prepared")
-    for split, n, seed in (("train", N_TRAIN, 0), ("eval", N_EVAL, 1)):
-        pq.write_table(to_table(_rows(n, seed, split)), root / f"{split}.parquet")
-    return str(root)
+    return write_splits(str(tmp_path_factory.mktemp("prepared")), {
+        split: _rows(n, seed, split) for split, n, seed in (("train", N_TRAIN, 0),
+                                                            ("eval", N_EVAL, 1))})
 
 
 @pytest.fixture(scope="module")
@@ -282,17 +279,15 @@ def test_export_holds_the_trained_weights_not_the_initial_ones(runs, tiny_model_
 def test_a_cache_built_from_other_data_is_refused(runs, teacher_cache, tmp_path):
     """A train stage handed a teacher cache of other prepared data: ArtifactMismatch naming
     the key part (``data``), before any step."""
-    import pyarrow.parquet as pq
+    from _prepared import write_splits
 
-    from kubedistill.data.prepared import to_table
     from kubedistill.errors import ArtifactMismatch
     from kubedistill.train.trainer import _open_teacher
 
-    other = tmp_path / "other_prepared"
-    other.mkdir()
-    for split, n, seed in (("train", N_TRAIN, 10), ("eval", N_EVAL, 11)):
-        pq.write_table(to_table(_rows(n, seed, split)), other / f"{split}.parquet")
-    cfg = runs.config("other_data", prepared_path=str(other))
+    other = write_splits(str(tmp_path / "other_prepared"), {
+        split: _rows(n, seed, split) for split, n, seed in (("train", N_TRAIN, 10),
+                                                            ("eval", N_EVAL, 11))})
+    cfg = runs.config("other_data", prepared_path=other)
     assert cfg.teacher_cache_path == teacher_cache
     with pytest.raises(ArtifactMismatch, match=r"differing key part\(s\): data: cache has"):
         _open_teacher(cfg)
