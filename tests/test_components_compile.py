@@ -91,7 +91,9 @@ def test_off_policy_shape_fan_out_collect_if_and_exit_handler(compiled):
     cond = next(t for t in inner.values() if "condition" in t.get("triggerPolicy", {}))
     assert "register-Output" in cond["triggerPolicy"]["condition"]
     merge_inputs = inner["merge-cache"]["inputs"]["artifacts"]["shards"]
-    assert "taskOutputArtifact" in merge_inputs or "componentInputArtifact" in merge_inputs
+    # dsl.Collected: the loop task's collected output artifact
+    assert merge_inputs == {"taskOutputArtifact": {
+        "outputArtifactKey": "pipelinechannel--cache-teacher-shard", "producerTask": "for-loop-2"}}
 
 
 def test_retries_only_on_safe_stages(compiled):

@@ -181,7 +181,8 @@ def test_real_vocab_map(real_pair):
     vmap = build_vocab_map(s, t)
     st, tt = vmap.student_ids.tolist(), vmap.teacher_ids.tolist()
     assert len(set(st)) == len(st) and len(set(tt)) == len(tt)
-    assert len(vmap) > 30_000
+    # measured 39,237 shared ids (docs/benchmarks.md, "Alignment of real tokenizers")
+    assert len(vmap) == pytest.approx(39_237, rel=0.005)
     for a, b in list(zip(st, tt, strict=True))[::997]:
         assert s.decode([a]) == t.decode([b]), (a, b)
     special = dict(zip(st, tt, strict=True))
@@ -204,7 +205,7 @@ def test_real_alignment_plain_text_decodes_to_the_same_prefix(real_pair, texts):
         total += len(si)
     print(f"\nplain text: {aligned}/{total} student positions aligned "
           f"({aligned / total:.3f})")
-    assert aligned / total > 0.6
+    assert aligned / total > 0.96  # measured 14,836 / 15,350 = 0.967 (docs/benchmarks.md)
 
 
 def test_real_alignment_chat_templates_loss_positions(real_pair, texts):
@@ -229,7 +230,7 @@ def test_real_alignment_chat_templates_loss_positions(real_pair, texts):
         aligned += len(pairs)
         total += int(sum(s_mask[1:]))
     print(f"\nchat template, loss positions: {aligned}/{total} aligned ({aligned / total:.3f})")
-    assert aligned / total > 0.6
+    assert aligned / total > 0.96  # measured 8,960 / 9,247 = 0.969 (docs/benchmarks.md)
 
 
 def _response_mask(tok, chat, ids):
@@ -273,4 +274,42 @@ def test_real_bridge_retokenizes_rollouts_for_the_teacher(real_pair, texts):
         total += len(response)
     print(f"\non-policy bridge: {aligned}/{total} student response targets aligned "
           f"({aligned / total:.3f})")
-    assert aligned / total > 0.6
+    assert aligned / total > 0.965  # measured 2,889 / 2,966 = 0.974 (this test, -s)
+
+
+def test_sentencepiece_teacher_vocab_map_and_alignment(smollm2_dir, sentencepiece_tokenizer_dir):
+    """SmolLM2 (byte-level BPE) against the REAL SentencePiece-style tokenizer of conftest
+    (``▁`` words, ``<0xNN>`` byte fallback): mapped ids decode to the same text, and every
+    aligned pair of GSM8K rows that tokenizer was NOT trained on (rows 300+) decodes to the
+    same prefix, multi-byte characters included."""
+    from kubedistill.data.demo import resolve_packaged
+    from kubedistill.models import load_tokenizer
+
+    s, t = load_tokenizer(smollm2_dir), load_tokenizer(sentencepiece_tokenizer_dir)
+    vmap = build_vocab_map(s, t)
+    st, tt = vmap.student_ids.tolist(), vmap.teacher_ids.tolist()
+    assert len(set(st)) == len(st) and len(set(tt)) == len(tt)
+    pairs_ok = [(a, b) for a, b in zip(st, tt, strict=True) if t.convert_ids_to_tokens(b)
+                .startswith("\u2581")]
+    assert len(pairs_ok) > 500
+    anchor_s, anchor_t = s.encode("the", add_special_tokens=False), [
+        t.convert_tokens_to_ids("\u2581the")]
+    for a, b in pairs_ok[::37]:  # a word piece with its space, in context
+        assert s.decode(anchor_s + [a]) == t.decode(anchor_t + [b]), (a, b)
+    with open(resolve_packaged("gsm8k-train")) as f:
+        held_out = [json.loads(line) for line in f][300:340]
+    s_table, t_table = token_table(s), token_table(t)
+    aligned = total = 0
+    for row in held_out + [{"question": "Café crème: 3 € each 🦆", "answer": "#### 9"}]:
+        text = row["question"] + "\n" + row["answer"]
+        si = s(text, add_special_tokens=False)["input_ids"]
+        ti = t(text, add_special_tokens=False)["input_ids"]
+        for p, q in align_pairs(si, ti, s_table, t_table):
+            a, b = s.decode(si[:p + 1]), t.decode(ti[:q + 1])
+            assert a == b and text.startswith(a), (p, q, a[-20:], b[-20:])
+            aligned += 1
+        total += len(si)
+    print(f"\nsentencepiece teacher: {aligned}/{total} student positions aligned")
+    # measured 4,185 / 5,506 = 0.760: a 2,000-piece vocabulary ends fewer tokens where
+    # SmolLM2's do than Qwen2.5's 151,936 (0.967 above)
+    assert aligned / total > 0.75

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -32,6 +31,24 @@ def base(tiny_model_dir, qwen_tiny_teacher, tmp_path_factory) -> dict:
                 learning_rate=1e-3, lr_warmup_ratio=0.0, num_epochs=1, eval_steps=-1,
                 logging_steps=1, chunked_loss_size=64, seed=3, tracking_uri="off",
                 device="cpu", num_gpus_per_node=1, work_dir=str(root / "wd"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reproducible_threads():
+    """One thread per rank and MKL's reproducible mode (as in test_train_runs), so that runs
+    compared at 1e-6 do not differ by the CPU's own reduction order; restored afterwards."""
+    env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+pytestmark = pytest.mark.timeout(900)  # module fixtures run several torchrun jobs
 
 
 def make(base: dict, **over) -> Config:
@@ -95,36 +112,79 @@ def _log(cfg: Config) -> list[dict]:
         return [json.loads(line) for line in f if "train/loss" in line]
 
 
-def test_simple_ctkd_trains_from_a_cross_tokenizer_cache(prepared, base, tmp_path):
+def _run(base: dict, root, name: str, **over) -> dict:
+    """Train ``name`` under ``root``; its config, step log, summary and final weights."""
     from kubedistill.train.launch import train
 
-    wd = tmp_path / "simple"
+    wd = root / name
     cfg = make(base, work_dir=str(wd), save_path=str(wd / "model"), ckpt_path=str(wd / "ck"),
-               max_steps=2)
-    train(cfg)
-    log = _log(cfg)
-    assert [r["step"] for r in log] == [1, 2] if "step" in log[0] else len(log) == 2
-    for r in log:
-        assert np.isfinite(r["train/loss"]) and r["train/kd"] > 0
-        assert 0.8 < r["train/aligned"] <= 1.0  # the aligned-position ratio of the step
+               **over)
+    assert train(cfg) == cfg.train.save_path
+    return _outputs(cfg)
 
 
-def test_dskd_two_ranks_checkpoint_and_resume(prepared, base, tmp_path):
+def _outputs(cfg: Config) -> dict:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(cfg.train.save_path, "train_summary.json")) as f:
+        summary = json.load(f)
+    return {"cfg": cfg, "log": _log(cfg), "summary": summary,
+            "weights": load_file(os.path.join(cfg.train.save_path, "model.safetensors"))}
+
+
+def _assert_two_ranks_follow_one(one: dict, two: dict, keys: tuple[str, ...]) -> None:
+    """The same steps, losses (fp32 rounding) and final weights (Adam: lr-scale) on 2 ranks
+    as on 1: the loss is normalised by the GLOBAL loss-token count of the step."""
+    assert one["summary"]["world_size"] == 1 and two["summary"]["world_size"] == 2
+    assert [r["step"] for r in two["log"]] == [r["step"] for r in one["log"]]
+    for a, b in zip(one["log"], two["log"], strict=True):
+        assert a["train/loss_tokens"] == b["train/loss_tokens"]
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], abs=1e-4), (key, a["step"])
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=2e-3)
+    w1, w2 = one["weights"], two["weights"]
+    assert w1.keys() == w2.keys()
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+def test_simple_ctkd_two_ranks_follow_the_one_rank_run(prepared, base, tmp_path):
+    """simple_ctkd from a cross-tokenizer cache: 1 rank (2 micro-batches of 2 per step) and
+    2 ranks (1 micro-batch of 2 each) are the same run."""
+    one = _run(base, tmp_path, "one", max_steps=2)
+    two = _run(base, tmp_path, "two", max_steps=2, num_gpus_per_node=2)
+    assert [r["step"] for r in one["log"]] == [1, 2]
+    _assert_two_ranks_follow_one(one, two, ("train/loss", "train/kd", "train/ce",
+                                            "train/aligned"))
+    for r in two["log"]:
+        assert r["train/kd"] > 0
+        assert 0.9 < r["train/aligned"] <= 1.0  # docs/benchmarks.md: 0.969 on chat-templated GSM8K
+
+
+@pytest.fixture(scope="module")
+def dskd_runs(prepared, base, tmp_path_factory) -> dict:
+    """DSKD (CMA) for 3 steps on 1 rank and on 2 ranks (checkpoint every step)."""
+    root = tmp_path_factory.mktemp("dskd")
+    over = dict(kd_algorithm="dskd", dskd_token_align="cma", dskd_projector_lr=1e-2,
+                max_steps=3)
+    return {"over": over, "root": root,
+            "one": _run(base, root, "one", **over),
+            "two": _run(base, root, "two", num_gpus_per_node=2, save_steps=1, **over)}
+
+
+def test_dskd_two_ranks_follow_the_one_rank_run(dskd_runs):
+    _assert_two_ranks_follow_one(dskd_runs["one"], dskd_runs["two"],
+                                 ("train/loss", "train/kd", "train/kd_teacher_space"))
+
+
+def test_dskd_checkpoint_holds_trained_projectors_not_the_teacher_head(dskd_runs, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from kubedistill.train.launch import train
-
-    wd = tmp_path / "dskd"
-    over = dict(kd_algorithm="dskd", dskd_token_align="cma", num_gpus_per_node=2,
-                work_dir=str(wd), save_path=str(wd / "model"), ckpt_path=str(wd / "ck"),
-                save_steps=1, dskd_projector_lr=1e-2)
-    train(make(base, max_steps=2, **over))
-    with open(wd / "ck" / "latest.json") as f:
+    ck = dskd_runs["two"]["cfg"].train.ckpt_path
+    with open(os.path.join(ck, "latest.json")) as f:
         latest = json.load(f)
-    dcp_to_torch_save(os.path.join(wd / "ck", os.path.basename(latest["dir"])),
-                      tmp_path / "step2.pt")
-    state = torch.load(tmp_path / "step2.pt", weights_only=True)
-    model = state["model"]
+    assert latest["step"] == 3
+    dcp_to_torch_save(os.path.join(ck, os.path.basename(latest["dir"])), tmp_path / "s3.pt")
+    model = torch.load(tmp_path / "s3.pt", weights_only=True)["model"]
     keys = [k for k in model if "algorithm." in k]
     assert {k.split("algorithm.")[1].split(".")[0] for k in keys} == {"s2t", "t2s", "query",
                                                                      "key"}
@@ -133,11 +193,28 @@ def test_dskd_two_ranks_checkpoint_and_resume(prepared, base, tmp_path):
     init = torch.empty(48, 64).uniform_(-1 / 8, 1 / 8, generator=gen)  # s2t's first init
     s2t = next(v for k, v in model.items() if k.endswith("algorithm.s2t.weight"))
     assert s2t.shape == init.shape and not torch.equal(s2t, init)  # trained
-    cfg = make(base, max_steps=3, resume=True, **over)
+
+
+def test_dskd_run_killed_after_step_1_resumes_to_the_same_run(dskd_runs, base):
+    """2 ranks, SIGKILLed once the step-1 checkpoint (student + projectors + optimizer) is
+    committed, resumed: steps 2 and 3 and the final weights are the uninterrupted run's."""
+    from _procs import kill_at_first_checkpoint
+
+    from kubedistill.train.launch import train
+
+    wd = dskd_runs["root"] / "killed"
+    cfg = make(base, work_dir=str(wd), save_path=str(wd / "model"), ckpt_path=str(wd / "ck"),
+               num_gpus_per_node=2, save_steps=1, **dskd_runs["over"])
+    assert kill_at_first_checkpoint(cfg) == 1
+    cfg.train.resume = True
     train(cfg)
-    log = _log(cfg)
-    assert len(log) == 3 and all(np.isfinite(r["train/loss"]) for r in log)
-    assert all(np.isfinite(r["train/kd_teacher_space"]) for r in log)
+    resumed, straight = _outputs(cfg), dskd_runs["two"]
+    assert [r["step"] for r in resumed["log"]] == [1, 2, 3]
+    for a, b in zip(resumed["log"][1:], straight["log"][1:], strict=True):
+        for key in ("train/loss", "train/kd", "train/kd_teacher_space", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), (key, a["step"])
+    w1, w2 = resumed["weights"], straight["weights"]
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
 
 
 @pytest.mark.parametrize("algorithm", ["simple_ctkd", "dskd"])
@@ -159,11 +236,14 @@ def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm):
     steps = [r for r in rows if "train/loss" in r]
     iters = [r for r in rows if "iteration" in r]
     assert len(steps) == 2 and len(iters) == 2
+    # measured (seed 3, both algorithms): aligned 0.958 at both steps; KD term 0.021
+    # (simple_ctkd) / 0.028 (dskd); diagnostics KL 0.022, top-1 agreement 0.76 and 0.72
+    # (random tiny models: both near uniform, hence the small KL)
     for r in steps:
-        assert np.isfinite(r["train/loss"]) and r["train/kd"] > 0
-        assert 0.3 < r["train/aligned"] <= 1.0
+        assert 0.95 < r["train/aligned"] <= 1.0
+        assert 0.01 < r["train/kd"] < 0.06
     for r in iters:
-        assert r["onpolicy/kl"] > 0 and 0 <= r["onpolicy/top1_agree"] <= 1
+        assert 0.01 < r["onpolicy/kl"] < 0.05 and 0.6 < r["onpolicy/top1_agree"] < 0.9
     assert os.path.exists(wd / "model" / "model.safetensors")
 
 
@@ -172,7 +252,8 @@ def test_on_policy_refuses_same_tokenizer_kd_on_cross_tokenizer_data(prepared, b
     from kubedistill.train.on_policy import cross_tokenizer_map
 
     cfg = make(base, rollout_num_engines=1)
-    assert len(cross_tokenizer_map(cfg)) > 30_000
+    # measured 39,237 shared ids (docs/benchmarks.md, "Alignment of real tokenizers")
+    assert len(cross_tokenizer_map(cfg)) == pytest.approx(39_237, rel=0.005)
     for over in ({"kd_algorithm": "vanilla_kd"}, {"self_distillation": True}):
         with pytest.raises(ConfigError, match="another tokenizer"):
             cross_tokenizer_map(make(base, rollout_num_engines=1, **over))

@@ -181,17 +181,28 @@ def test_bad_rows_name_field_and_reason(row, kw, field, reason):
     assert err.value.field == field and reason in err.value.reason
 
 
-def test_folders_on_an_fsspec_filesystem():
-    """Remote folders list and read through fsspec (memory:// stands in for s3://)."""
-    import uuid
-
+def test_folders_on_s3(s3_bucket):
+    """Remote folders list and read through fsspec on moto's S3 server: a plain folder of
+    JSONL files (other files ignored) and an HF save_to_disk folder."""
     from kubedistill import storage
 
-    root = f"memory://fmt-{uuid.uuid4().hex[:8]}"
+    root = f"{s3_bucket}/fmt"
     storage.write_bytes_atomic(f"{root}/plain/a.jsonl", b'{"q": 1}\n')
     storage.write_bytes_atomic(f"{root}/plain/b.jsonl", b'{"q": 2}\n{"q": 3}\n')
     storage.write_bytes_atomic(f"{root}/plain/notes.txt", b"ignored")
     src = read_source(f"{root}/plain")
     assert [src.row_id(r) for r in src.records] == ["plain/a.jsonl:1", "plain/b.jsonl:1",
                                                     "plain/b.jsonl:2"]
-    assert all(f["uri"].startswith("memory://") for f in src.files)
+    assert [r.data["q"] for r in src.records] == [1, 2, 3]
+    assert [f["uri"] for f in src.files] == [f"{root}/plain/a.jsonl", f"{root}/plain/b.jsonl"]
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, pa.Table.from_pylist(ROWS).schema) as w:
+        w.write_table(pa.Table.from_pylist(ROWS))
+    storage.write_bytes_atomic(f"{root}/ds/data-00000-of-00001.arrow", sink.getvalue().to_pybytes())
+    storage.write_json_atomic(f"{root}/ds/state.json", {
+        "_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"})
+    storage.write_json_atomic(f"{root}/ds/dataset_info.json", {"features": {}})
+    hf = read_source(f"{root}/ds")
+    assert hf.format == "hf_arrow"
+    assert [r.data["question"] for r in hf.records] == [r["question"] for r in ROWS]

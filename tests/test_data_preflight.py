@@ -38,6 +38,26 @@ def test_byte_level_and_sentencepiece_markers_are_unified(tok):
     assert len(sp & smol) == 4  # every piece exists in SmolLM2's vocabulary once normalised
 
 
+def test_a_real_sentencepiece_tokenizer_normalises_to_text(tok, sentencepiece_tokenizer_dir):
+    """The SentencePiece-style tokenizer built in conftest (``▁`` words, ``<0xNN>`` byte
+    fallback): every piece becomes the text it stands for, and those texts are SmolLM2's."""
+    from kubedistill.models import load_tokenizer
+
+    sp_tok = load_tokenizer(sentencepiece_tokenizer_dir)
+    vocab = sp_tok.get_vocab()
+    assert "<0x0A>" in vocab and any(t.startswith("\u2581") for t in vocab)
+    sp = normalised_vocab(sp_tok)
+    assert not any("\u2581" in t for t in sp)
+    assert {" eggs", " the", "\n"} <= sp
+    # the normalised text of a piece is what the tokenizer's own decoder makes of it
+    anchor = sp_tok.convert_tokens_to_ids("\u2581the")
+    for piece, text in (("\u2581eggs", " eggs"), ("\u2581day", " day"), ("<0x0A>", "\n")):
+        assert text in sp
+        assert sp_tok.decode([anchor, sp_tok.convert_tokens_to_ids(piece)]) == "the" + text
+    shared = len(sp & normalised_vocab(tok)) / len(sp)
+    assert shared > 0.76, shared  # measured 0.768 (merges such as ".\nShe" are not SmolLM2's)
+
+
 def test_reports_of_one_tokenizer(tok, smollm2_dir):
     info = tokenizer_report(tok, "smol", smollm2_dir)
     assert info["vocab_size"] == 49152 and embedding_rows(smollm2_dir) == 49152

@@ -266,3 +266,59 @@ def test_packaged_demo_through_prepare(tmp_path, smollm2_dir):
     assert all(re.fullmatch(r"-?\d+(\.\d+)?", x) for x in table.column("label").to_pylist())
     assert manifest["splits"]["train"]["rows"] == 8
     assert manifest["inputs"][0]["files"][0]["uri"].endswith("gsm8k-demo/train.jsonl")
+
+
+def _bad_row_table_rows() -> list[dict]:
+    """12 rows; row 4 has a null answer, row 9 a blank one (1-based, as reported)."""
+    items = rows(12, tag="t")
+    items[3]["answer"] = None
+    items[8]["answer"] = "   "
+    return items
+
+
+def _write_format(tmp_path, fmt: str, items: list[dict]) -> tuple[str, str]:
+    """(reference for train_dataset_path, the file that bad_rows.jsonl names)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = pa.Table.from_pylist(items)
+    if fmt == "csv":
+        path = str(tmp_path / "d.csv")
+        pacsv.write_csv(table, path)
+    elif fmt == "json":
+        path = str(tmp_path / "d.json")
+        (tmp_path / "d.json").write_text(json.dumps(items))
+    elif fmt == "parquet":
+        path = str(tmp_path / "d.parquet")
+        pq.write_table(table, path)
+    else:  # arrow (IPC file), or an HF save_to_disk folder (Arrow stream shard + state.json)
+        folder = tmp_path / "ds" if fmt == "hf" else tmp_path
+        folder.mkdir(exist_ok=True)
+        path = str(folder / ("data-00000-of-00001.arrow" if fmt == "hf" else "d.arrow"))
+        writer = pa.ipc.new_stream if fmt == "hf" else pa.ipc.new_file
+        with writer(path, table.schema) as w:
+            w.write_table(table)
+        if fmt == "hf":
+            (folder / "dataset_info.json").write_text(json.dumps({"features": {}}))
+            (folder / "state.json").write_text(json.dumps({
+                "_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}))
+            return str(folder), path
+    return path, path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet", "arrow", "hf"])
+def test_bad_rows_in_every_format_are_reported_and_the_rest_kept(tmp_path, smollm2_dir, fmt):
+    ref, file = _write_format(tmp_path, fmt, _bad_row_table_rows())
+    cfg = make_cfg(tmp_path, smollm2_dir, ref, eval_ratio=0.0)
+    manifest = prepare(cfg)
+    report = [json.loads(x) for x in
+              open(os.path.join(cfg.prepared_path, "bad_rows.jsonl")).read().splitlines()]
+    assert [(b["row"], b["field"]) for b in report] == [(4, "answer"), (9, "answer")]
+    assert {b["file"] for b in report} == {file}
+    null = "empty response" if fmt == "csv" else "missing value (null)"  # CSV has no null
+    assert [b["reason"] for b in report] == [null, "empty response"]
+    assert manifest["splits"]["train"]["rows"] == 10
+    kept = load_split(cfg.prepared_path, "train").to_pylist()
+    questions = {r["id"]: r for r in kept}
+    assert len(questions) == 10
+    assert sorted(int(r["label"]) for r in kept) == [2 * i for i in range(12) if i not in (3, 8)]

@@ -46,14 +46,11 @@ def _rows(n: int, seed: int, split: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    import pyarrow.parquet as pq
+    from _prepared import write_splits
 
-    from kubedistill.data.prepared import to_table
-
-    root = tmp_path_factory.mktemp("prepared")
-    for split, n, seed in (("train", N_PROMPTS, 0), ("eval", 4, 1)):
-        pq.write_table(to_table(_rows(n, seed, split)), root / f"{split}.parquet")
-    return str(root)
+    return write_splits(str(tmp_path_factory.mktemp("prepared")), {
+        split: _rows(n, seed, split) for split, n, seed in (("train", N_PROMPTS, 0),
+                                                            ("eval", 4, 1))})
 
 
 def _config(root, name: str, base: dict, **over) -> Config:
@@ -160,8 +157,11 @@ def test_ema_update_and_buckets():
 
 
 # ---- the loop in-process (a world of one) ---------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture
 def world_of_one():
+    """A gloo world of one in this process, for ONE test: ``init_distributed`` sets
+    RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, which make ``launch.under_torchrun()`` true, so they
+    must be gone before any later test calls ``train()`` (conftest fails a test that leaks)."""
     from kubedistill.train.fsdp import close, init_distributed
 
     keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -271,7 +271,13 @@ def straight(base, tmp_path_factory, one_thread) -> Config:
 
     cfg = _config(tmp_path_factory.mktemp("runs"), "straight", base)
     assert train(cfg) == cfg.train.save_path
+    assert _summary(cfg)["world_size"] == 1  # torchrun with one worker, not this process
     return cfg
+
+
+def _summary(cfg: Config) -> dict:
+    with open(os.path.join(cfg.train.save_path, "train_summary.json")) as f:
+        return json.load(f)
 
 
 def test_torchrun_on_policy_run(straight):
@@ -280,17 +286,19 @@ def test_torchrun_on_policy_run(straight):
     iters = [r for r in log if "iteration" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert [r["iteration"] for r in iters] == [1, 2, 3]
+    # measured (seed 5): the random tiny student never samples a stop token among 49,152 ids
+    # in 10 tokens, so every sample is truncated at generate_max_len; diagnostics KL
+    # 0.031 / 0.020 / 0.035 and top-1 agreement 0.57 / 0.11 / 0.27 over the 3 iterations
     for r in iters:
         assert r["rollout/samples"] == 8 and r["rollout/prompts_over_max_len"] == 1
-        assert 1 <= r["rollout/response_len"] <= 10
-        assert 0.0 <= r["rollout/truncation_rate"] <= 1.0
-        assert r["onpolicy/kl"] > 0 and 0 <= r["onpolicy/top1_agree"] <= 1
+        assert r["rollout/truncation_rate"] == 1.0
+        assert r["rollout/response_len"] == r["rollout/response_len_max"] == 10
+        assert 0.01 < r["onpolicy/kl"] < 0.05 and 0.05 < r["onpolicy/top1_agree"] < 0.7
         assert all(r[f"time/{p}_s"] >= 0 for p in ("rollout", "teacher", "train", "sync"))
     for r in steps:  # kd_ratio 1: the loss is the KD term alone
         assert r["train/loss"] == pytest.approx(r["train/kd"], rel=1e-5)
         assert r["train/ce"] > 0  # logged, weight 0
-    with open(os.path.join(straight.train.save_path, "train_summary.json")) as f:
-        summary = json.load(f)
+    summary = _summary(straight)
     assert summary["steps"] == 6 and summary["samples"] == 24
     with open(os.path.join(straight.storage.work_dir, "train", "rollout_samples.jsonl")) as f:
         table = [json.loads(line) for line in f]
@@ -302,7 +310,7 @@ def test_killed_run_resumes_from_the_right_iteration(straight, base, tmp_path, o
 
     cfg = _config(tmp_path, "killed", base)
     saved_step = kill_at_first_checkpoint(cfg)
-    assert saved_step in (2, 4)
+    assert saved_step == 2  # save_steps=2: killed as soon as the first checkpoint committed
     before = len(_log(cfg))
 
     cfg.train.resume = True
@@ -326,6 +334,7 @@ def test_two_ranks_follow_the_one_rank_run(straight, base, tmp_path, one_thread)
 
     cfg = _config(tmp_path, "two", base, num_gpus_per_node=2, micro_train_batch_size=1)
     train(cfg)
+    assert _summary(cfg)["world_size"] == 2 and _summary(straight)["world_size"] == 1
     one = {r["step"]: r for r in _log(straight) if "train/loss" in r}
     two = [r for r in _log(cfg) if "train/loss" in r]
     assert [r["step"] for r in two] == sorted(one)
@@ -369,8 +378,10 @@ def test_on_policy_refuses_what_it_cannot_honour(base, tmp_path):
 
     assert trainer_class(_config(tmp_path, "off", base, rollout_num_engines=0)) is Trainer
     check_config(_config(tmp_path, "ok", base))
-    for over in ({"kd_algorithm": "sft"}, {"kd_ratio": 0.0}, {"n_samples_per_prompt": 0}):
-        with pytest.raises(ConfigError):
+    for over, match in (({"kd_algorithm": "sft"}, "needs a teacher signal"),
+                        ({"kd_ratio": 0.0}, "needs a teacher signal"),
+                        ({"n_samples_per_prompt": 0}, "n_samples_per_prompt")):
+        with pytest.raises(ConfigError, match=match):
             check_config(_config(tmp_path, "bad", base, **over))
 
 

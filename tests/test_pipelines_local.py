@@ -22,6 +22,8 @@ from kubedistill.pipelines.local import run
 STAGES = ("prepare", "cache-teacher[1/2]", "cache-teacher[2/2]", "merge-cache", "train",
           "evaluate", "register", "promote")
 
+pytestmark = pytest.mark.timeout(900)  # whole kfp.local pipelines (the sft test runs two)
+
 
 @pytest.fixture
 def clean_env(monkeypatch):
@@ -177,3 +179,54 @@ def test_on_policy_pipeline_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics["eval_kl"] > 0 and metrics["eval_kl_space"] == (
         "shared_vocab_aligned" if algorithm == "simple_ctkd" else "full_vocab")
+
+
+def test_sft_pipeline_twice_second_run_keeps_the_champion(tmp_path, clean_env, tiny_model_dir):
+    """The sft pipeline end to end under kfp.local (prepare -> train -> evaluate -> register
+    -> promote, no teacher), scored by a higher-is-better metric (eval_rouge_l); the same
+    recipe run again into the same registry ties, so register decides 'keep': the If-branch
+    skips promote, champion stays version 1 and version 2 is only challenger."""
+    from mlflow import MlflowClient
+
+    db = f"sqlite:///{tmp_path}/registry.db"
+    body = {
+        "model": {"student_name_or_path": tiny_model_dir, "attn_implementation": "sdpa"},
+        "data": {"train_dataset_path": "packaged:gsm8k-train",
+                 "eval_dataset_path": "packaged:gsm8k-eval", "input_key": "question",
+                 "output_key": "answer", "max_len": 192, "max_samples": 8,
+                 "eval_max_samples": 3, "preprocess_num_workers": 1},
+        "train": {"num_gpus_per_node": 1, "device": "cpu", "train_batch_size": 4,
+                  "micro_train_batch_size": 2, "learning_rate": 1e-3, "seed": 3},
+        "kd": {"kd_algorithm": "sft", "kd_ratio": 0.0},
+        "eval": {"eval_task": "rouge", "eval_metric": "eval_rouge_l",
+                 "eval_num_generations": 3, "eval_max_new_tokens": 6},
+        "tracking": {"tracking_uri": db, "experiment_name": "sft-e2e",
+                     "registered_model_name": "tiny-sft"},
+    }
+    runs = []
+    for name in ("first", "second"):
+        work = tmp_path / name
+        recipe = _recipe(tmp_path, {**body, "storage": {"work_dir": str(work)}})
+        out = io.StringIO()
+        ok, _ = run(recipe, pipeline="sft", out=out)
+        assert ok, out.getvalue()
+        runs.append((work, _progress(out.getvalue())))
+    (first, p1), (second, p2) = runs
+    for progress in (p1, p2):
+        for stage in ("prepare", "train", "evaluate", "register"):
+            assert progress[stage] == ["started", "done"], stage
+        assert "cache-teacher" not in progress and "merge-cache" not in progress
+    assert p1["promote"] == ["started", "done"] and "promote" not in p2
+    m1, m2 = (json.loads((w / "eval" / "metrics.json").read_text()) for w in (first, second))
+    assert m1["score_metric"] == "eval_rouge_l" and m1["higher_is_better"] is True
+    # measured: 0.0 both times (6 greedy tokens of a 2-step tiny student share no word
+    # with the references); the tie is what makes the second run 'keep'
+    assert m1["eval_data_hash"] == m2["eval_data_hash"] and m2["score"] == m1["score"] == 0.0
+    assert "teacher_eval_ce" not in m1  # sft: no teacher anywhere
+    reg2 = json.loads(next((second / "kfp").glob("*/register/registration")).read_text())
+    assert reg2["version"] == "2" and reg2["decision"] == "keep"  # the If-branch's input
+    assert reg2["beats_champion"] is False and "does not beat" in reg2["decision_reason"]
+    assert not (second / "registry" / "promotion.json").exists()
+    client = MlflowClient(tracking_uri=db, registry_uri=db)
+    assert str(client.get_model_version_by_alias("tiny-sft", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("tiny-sft", "challenger").version) == "2"

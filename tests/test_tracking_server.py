@@ -5,9 +5,11 @@ loses no metric; an unreachable registry fails with ServiceUnavailable after bou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow_server import MlflowServer, free_port
-from test_evaluate_stage import eval_rows, make_cfg, write_prepared
+from test_evaluate_stage import make_cfg, prepare_qa
 
 from kubedistill.config import Config
 from kubedistill.errors import ServiceUnavailable
@@ -23,6 +25,8 @@ from kubedistill.models import load_tokenizer
 from kubedistill.tracking import make_tracker
 
 NAME = "kd-tiny-student"
+
+pytestmark = pytest.mark.timeout(900)  # the evaluate/register test trains first
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +48,20 @@ def fast(monkeypatch):
     monkeypatch.setenv("KUBEDISTILL_MLFLOW_RETRIES", "3")
     monkeypatch.setenv("KUBEDISTILL_MLFLOW_BACKOFF_S", "0.05")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@contextlib.contextmanager
+def _outage(server: MlflowServer, seconds: float):
+    """Stop the real server now; start it again ``seconds`` later, in the background, while
+    the block runs; the block's end waits for the restart."""
+    server.stop(kill=True)
+    restart = threading.Timer(seconds, server.start)
+    restart.start()
+    try:
+        yield
+    finally:
+        restart.join()
+        server.start()  # no-op when the timer already did
 
 
 def _worse_copy(model_dir: str, out: str) -> str:
@@ -103,8 +121,7 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     from kubedistill.evaluate.stage import evaluate
     from kubedistill.tracking.registry import promote, register
 
-    prepared = write_prepared(str(tmp_path / "prepared"),
-                              eval_rows(load_tokenizer(tiny_model_dir)))
+    prepared = prepare_qa(str(tmp_path / "prepared"), tiny_model_dir)
     client = MlflowClient(server.url, server.url)
 
     # run 1: first version becomes champion
@@ -173,33 +190,21 @@ def test_evaluate_register_promote(tmp_path, server, fast, tiny_model_dir, tiny_
     metrics2 = evaluate(cfg2)
     assert metrics2["score"] > metrics1["score"]  # CE: lower is better
     assert metrics2["eval_data_hash"] == metrics1["eval_data_hash"]
-    # the server drops out twice while registering (after the model is logged, then before
-    # the alias is set): the retries must finish the same registration, not add versions
-    from mlflow.exceptions import MlflowException
-
-    def flaky(method):
-        real, calls = getattr(MlflowClient, method), []
-
-        def wrapper(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == 1:
-                raise MlflowException(f"API request to {server.url} failed with exception "
-                                      "ConnectionError('Connection refused')")
-            return real(self, *args, **kwargs)
-        monkeypatch.setattr(MlflowClient, method, wrapper)
-        return calls
-
-    methods = ("_create_model_version", "set_registered_model_alias")
-    originals = {m: getattr(MlflowClient, m) for m in methods}
-    flaky_calls = [flaky(m) for m in methods]
-    reg2 = register(cfg2)
-    for m, real in originals.items():
-        monkeypatch.setattr(MlflowClient, m, real)
-    assert [len(c) >= 2 for c in flaky_calls] == [True, True]
+    # the REAL server is down when register starts and comes back a few seconds later
+    # (same port, same sqlite file): the bounded retries finish the registration
+    monkeypatch.setenv("KUBEDISTILL_MLFLOW_RETRIES", "6")
+    monkeypatch.setenv("KUBEDISTILL_MLFLOW_BACKOFF_S", "1")
+    with _outage(server, seconds=3.0):
+        reg2 = register(cfg2)
     assert reg2["version"] == "2"
+    # a rerun after another outage (a retried pod) reuses the same registration: no third
+    # version and no second logged model
+    with _outage(server, seconds=3.0):
+        again2 = register(cfg2)
+    assert again2["version"] == "2" and again2["run_id"] == reg2["run_id"]
     exp_id = client.get_run(reg2["run_id"]).info.experiment_id
     logged = client.search_logged_models([exp_id], f"source_run_id = '{reg2['run_id']}'")
-    assert len(logged) == 1  # the retry registered the model already logged, not a new one
+    assert len(logged) == 1
     prom2 = promote(cfg2)
     assert not prom2["promoted"] and "does not beat" in prom2["reason"]
     assert client.get_model_version_by_alias(NAME, "champion").version == "1"

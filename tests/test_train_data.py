@@ -4,7 +4,6 @@ learning-rate schedules."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,33 +112,59 @@ def test_packed_rows_give_the_same_hidden_states_as_padded_rows(tiny_model_dir):
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-class FakeCache:
-    def __init__(self, split, broken=None):
-        self.split, self.broken = split, broken
-
-    def get(self, sid):
-        i = self.split.ids.index(sid)
-        _, mask = self.split.sample(i)
-        pos = np.nonzero(mask[1:])[0]
-        if sid == self.broken:
-            pos = pos[:-1]
-        hidden = torch.arange(len(pos) * 2, dtype=torch.float32).reshape(len(pos), 2) + 100 * i
-        return SimpleNamespace(positions=torch.from_numpy(pos), hidden=hidden)
+def _rows_of(split: data.PreparedSplit) -> list[dict]:
+    rows = []
+    for i, sid in enumerate(split.ids):
+        toks, mask = split.sample(i)
+        prompt = int(np.argmax(mask))
+        rows.append({"id": sid, "input_ids": toks.tolist(), "loss_mask": mask.tolist(),
+                     "prompt_len": prompt, "response": ""})
+    return rows
 
 
-def test_teacher_states_join_rows_with_loss_index():
+@pytest.fixture(scope="module")
+def real_cache(tiny_teacher_dir, tmp_path_factory):
+    """The REAL teacher cache stage (tiny teacher, fp32) over ``make_split(3)`` written as
+    prepared parquet; returns (split, TeacherCache)."""
+    from _prepared import write_splits
+
+    from kubedistill.config import Config
+    from kubedistill.teacher.cache import cache_teacher
+    from kubedistill.teacher.reader import TeacherCache
+
+    root = tmp_path_factory.mktemp("train_data_cache")
     split = make_split(3)
-    mb = data.BatchBuilder(split, pad_id=0, packing=True, teacher=FakeCache(split)).build([2, 0])
-    assert mb.teacher_hidden.shape[0] == mb.num_loss_tokens
-    n2 = int(split.loss_tokens[2])
-    assert mb.teacher_hidden[0, 0] == 200 and mb.teacher_hidden[n2, 0] == 0
+    write_splits(str(root / "prepared"), {"train": _rows_of(split)})
+    cfg = Config().update(dict(teacher_name_or_path=tiny_teacher_dir,
+                               prepared_path=str(root / "prepared"),
+                               teacher_cache_path=str(root / "cache"), teacher_backend="hf",
+                               cache_dtype="fp32", work_dir=str(root / "wd")))
+    cache_teacher(cfg)
+    return split, TeacherCache(str(root / "cache"))
 
 
-def test_teacher_row_count_mismatch_names_the_sample():
-    split = make_split(3)
-    builder = data.BatchBuilder(split, pad_id=0, packing=False,
-                                teacher=FakeCache(split, broken="s:1"))
-    with pytest.raises(ArtifactMismatch, match="s:1"):
+def test_teacher_states_join_rows_with_loss_index(real_cache):
+    """Packed micro-batch [2, 0]: the teacher rows are sample 2's cached states, then sample
+    0's, one per loss token, in the order of ``loss_index``."""
+    split, cache = real_cache
+    mb = data.BatchBuilder(split, pad_id=0, packing=True, teacher=cache).build([2, 0])
+    assert mb.teacher_hidden.shape == (mb.num_loss_tokens, 96)
+    expected = torch.cat([cache.get("s:2").hidden, cache.get("s:0").hidden]).float()
+    assert torch.equal(mb.teacher_hidden.float(), expected)
+    assert int(split.loss_tokens[2]) + int(split.loss_tokens[0]) == mb.num_loss_tokens
+
+
+def test_teacher_row_count_mismatch_names_the_sample(real_cache):
+    """The same ids with sample 1's loss mask one token shorter than when the cache was
+    built (a stale cache): ArtifactMismatch naming s:1."""
+    split, cache = real_cache
+    mask = split.loss_mask.copy()
+    start = int(split.offsets[1])
+    mask[start + int(np.argmax(mask[start:]))] = 0  # the first loss token of s:1
+    changed = data.PreparedSplit(list(split.ids), split.tokens, mask, split.offsets)
+    data.BatchBuilder(changed, pad_id=0, packing=False, teacher=cache).build([0, 2])  # intact
+    builder = data.BatchBuilder(changed, pad_id=0, packing=False, teacher=cache)
+    with pytest.raises(ArtifactMismatch, match="'s:1': .* hidden states for .* student loss"):
         builder.build([0, 1])
 
 

@@ -42,14 +42,11 @@ def _rows(n: int, seed: int, split: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    import pyarrow.parquet as pq
+    from _prepared import write_splits
 
-    from kubedistill.data.prepared import to_table
-
-    root = tmp_path_factory.mktemp("prepared")
-    for split, n, seed in (("train", N_TRAIN, 0), ("eval", N_EVAL, 1)):
-        pq.write_table(to_table(_rows(n, seed, split)), root / f"{split}.parquet")
-    return str(root)
+    return write_splits(str(tmp_path_factory.mktemp("prepared")), {
+        split: _rows(n, seed, split) for split, n, seed in (("train", N_TRAIN, 0),
+                                                            ("eval", N_EVAL, 1))})
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +98,9 @@ def outputs(cfg: Config) -> dict:
             "weights": load_file(weights) if os.path.exists(weights) else None}
 
 
+pytestmark = pytest.mark.timeout(900)  # the module's runs start in its first tests
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tiny_teacher_dir, prepared, teacher_cache, tmp_path_factory):
     base = dict(student_name_or_path=tiny_model_dir, teacher_name_or_path=tiny_teacher_dir,
@@ -142,6 +142,7 @@ def max_weight_diff(a: dict, b: dict) -> float:
 
 def test_two_ranks_follow_the_one_rank_curve(runs):
     one, two = runs.get("one", num_gpus_per_node=1), runs.get("two")
+    assert one["summary"]["world_size"] == 1 and two["summary"]["world_size"] == 2
     assert_same_curve(one, two)
     assert losses(two)[-1] < losses(two)[0] and two["eval"][-1]["eval/loss"] < two["eval"][0][
         "eval/loss"]
@@ -218,6 +219,78 @@ def test_sigkilled_run_resumes_to_the_same_weights(runs):
     assert resumed["summary"]["samples"] == N_TRAIN
     assert resumed["summary"]["loss_tokens"] == straight["summary"]["loss_tokens"]
     np.testing.assert_allclose(losses(resumed)[-STEPS + 2:], losses(straight)[2:], atol=1e-6)
+
+
+def test_run_killed_on_two_ranks_resumes_on_one(runs):
+    """The sharded checkpoint of a 2-rank run loads into 1 rank: the resumed steps and the
+    final weights follow the uninterrupted 1-rank run (same tolerance as 1 vs 2 ranks)."""
+    cfg = runs.config("two_then_one")
+    assert kill_at_first_checkpoint(cfg) == 2
+    cfg.train.num_gpus_per_node, cfg.train.resume = 1, True
+    train(cfg)
+    resumed, one = outputs(cfg), runs.get("one", num_gpus_per_node=1)
+    assert resumed["summary"]["world_size"] == 1
+    assert resumed["summary"]["steps"] == STEPS and resumed["summary"]["samples"] == N_TRAIN
+    assert resumed["summary"]["loss_tokens"] == one["summary"]["loss_tokens"]
+    assert [r["step"] for r in resumed["train"]] == [1, 2, *range(3, STEPS + 1)]
+    np.testing.assert_allclose(losses(resumed)[2:], losses(one)[2:], atol=1e-4, rtol=0)
+    assert max_weight_diff(resumed, one) < 1e-4
+
+
+def test_two_epochs_train_every_sample_twice_in_a_new_order(runs, prepared):
+    from kubedistill.train.data import load_prepared
+
+    split = load_prepared(prepared, "train")
+    run = runs.get("epochs", num_gpus_per_node=1, num_epochs=2, eval_steps=-1, save_steps=-1)
+    one = runs.get("one", num_gpus_per_node=1)
+    summary = run["summary"]
+    assert summary["steps"] == 2 * STEPS and summary["samples"] == 2 * N_TRAIN
+    assert summary["loss_tokens"] == 2 * int(split.loss_tokens.sum())
+    assert [r["train/samples"] for r in run["train"]] == [4, 4, 4, 4, 4, 1] * 2
+    tokens = [r["train/loss_tokens"] for r in run["train"]]
+    assert sum(tokens[:STEPS]) == sum(tokens[STEPS:]) and tokens[:STEPS] != tokens[STEPS:]
+    # the first step is the one-epoch run's (same seed, init and first batch)
+    assert run["train"][0]["train/loss"] == pytest.approx(one["train"][0]["train/loss"],
+                                                         abs=1e-6)
+
+
+def test_export_holds_the_trained_weights_not_the_initial_ones(runs, tiny_model_dir, tmp_path):
+    """The exported safetensors equal the student of the last checkpoint (step 6, the end of
+    training) tensor for tensor, and differ from the initial student in every tensor."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    two = runs.get("two")
+    ckpt = two["cfg"].train.ckpt_path
+    with open(os.path.join(ckpt, "latest.json")) as f:
+        latest = json.load(f)
+    assert latest["step"] == STEPS
+    dcp_to_torch_save(os.path.join(ckpt, latest["dir"]), tmp_path / "final.pt")
+    trained = torch.load(tmp_path / "final.pt", weights_only=True)["model"]
+    initial = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    exported = two["weights"]
+    assert exported.keys() == initial.keys()
+    for k, v in exported.items():
+        matches = [name for name in trained if name.endswith("." + k) or name == k]
+        assert len(matches) == 1, (k, matches)
+        assert torch.equal(v, trained[matches[0]]), k
+        assert not torch.equal(v, initial[k]), k
+
+
+def test_a_cache_built_from_other_data_is_refused(runs, teacher_cache, tmp_path):
+    """A train stage handed a teacher cache of other prepared data: ArtifactMismatch naming
+    the key part (``data``), before any step."""
+    from _prepared import write_splits
+
+    from kubedistill.errors import ArtifactMismatch
+    from kubedistill.train.trainer import _open_teacher
+
+    other = write_splits(str(tmp_path / "other_prepared"), {
+        split: _rows(n, seed, split) for split, n, seed in (("train", N_TRAIN, 10),
+                                                            ("eval", N_EVAL, 11))})
+    cfg = runs.config("other_data", prepared_path=other)
+    assert cfg.teacher_cache_path == teacher_cache
+    with pytest.raises(ArtifactMismatch, match=r"differing key part\(s\): data: cache has"):
+        _open_teacher(cfg)
 
 
 def _generate(model_dir: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:

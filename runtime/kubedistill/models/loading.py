@@ -19,7 +19,6 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 
 import torch
 
@@ -39,11 +38,9 @@ def resolve_model_path(ref: str, cache_dir: str | None = None) -> str:
 
         return ensure_imported(ref[len(PACKAGED_PREFIX):], cache_dir)
     if "://" in ref and not ref.startswith("file://"):
-        local = os.path.join(tempfile.gettempdir(), "kubedistill-models",
-                             storage.sha256_bytes(ref.encode())[:16])
-        if not os.path.exists(os.path.join(local, "config.json")):
-            storage.download_dir(ref, local)
-        return local
+        from kubedistill.models.remote import local_model_copy
+
+        return local_model_copy(ref)  # keyed by content, revalidated on every call
     path = storage.local_path(ref)
     if not os.path.exists(path):
         from kubedistill.models import hub
