@@ -8,12 +8,18 @@ import io
 import os
 
 import pytest
+import sklearn
 from PIL import Image
 
-import sklearn
 from kubedistill.data.chat import RowError
 from kubedistill.data.images import (
-    ImageLimits, attach_images, bad_image_record, decode_image, load_images, text_only)
+    ImageLimits,
+    attach_images,
+    bad_image_record,
+    decode_image,
+    load_images,
+    text_only,
+)
 
 SKLEARN_IMAGES = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
 CHINA = os.path.join(SKLEARN_IMAGES, "china.jpg")
