@@ -74,10 +74,10 @@ def test_expanded_tokens_and_loss_mask(vlm):
             assert n_tokens == n_images * per_image[family]
         assert n_tokens > n_images  # expanded, not one marker per image
         structure = processor.structure_token_ids
-        assert all(not m for t, m in zip(sample.input_ids, sample.loss_mask) if t in structure)
+        assert all(not m for t, m in zip(sample.input_ids, sample.loss_mask, strict=True) if t in structure)
         assert all(m == 0 for m in sample.loss_mask[:sample.prompt_len])
         target = processor.tokenizer.decode(
-            [t for t, m in zip(sample.input_ids, sample.loss_mask) if m])
+            [t for t, m in zip(sample.input_ids, sample.loss_mask, strict=True) if m])
         assert target.startswith((" A temple.", "A temple.", " Two photos", "Two photos"))
 
 
@@ -138,17 +138,26 @@ def test_training_forward_equals_hf_forward(vlm):
                                    rtol=0, atol=1e-5)
 
 
-def test_text_positions_would_be_wrong_for_mrope(vlm):
+def test_positions_are_the_models_own(vlm):
+    """Qwen2-VL: 3-D M-RoPE positions, and 2-D text positions would change the logits.
+    Idefics3 (1-D RoPE): the text positions of each row, padding clamped to 0."""
     family, model, processor = vlm
-    if family != "qwen2_vl":
-        pytest.skip("1-D RoPE family: text positions are its positions")
-    sample = _samples(processor)[1]
-    batch = collate([sample], processor)
-    pos3 = position_ids(model, batch)
-    assert pos3.shape == (3, 1, len(sample.input_ids))
-    assert not torch.equal(pos3[1], pos3[2])  # h and w differ inside the image blocks
+    samples = _samples(processor)
+    batch = collate(samples, processor, pad_id=processor.tokenizer.pad_token_id)
+    pos = position_ids(model, batch)
+    width = batch["input_ids"].shape[1]
+    if family == "idefics3":
+        short = len(samples[0].input_ids)
+        assert pos.shape == (2, width)
+        assert pos[1].tolist() == list(range(width))
+        assert pos[0, :short].tolist() == list(range(short)) and not pos[0, short:].any()
+        return
+    assert pos.shape == (3, 2, width)
+    assert not torch.equal(pos[1], pos[2])  # h and w differ inside the image blocks
+    sample = samples[1]
+    one = collate([sample], processor)
+    kwargs = forward_kwargs(model, one)
     text_pos = torch.arange(len(sample.input_ids))[None]
-    kwargs = forward_kwargs(model, batch)
     with torch.no_grad():
         right = model(**kwargs).logits[0]
         wrong = model(**{**kwargs, "position_ids": text_pos}).logits[0]
@@ -164,7 +173,7 @@ def test_teacher_states_rebuild_the_logits(vlm):
     assert all(len(p) > 3 for p in positions)
     states = image_text_final_states(model, batch, positions)
     head = TeacherHead.from_model(model)
-    for sample, pos, h in zip(samples, positions, states):
+    for sample, pos, h in zip(samples, positions, states, strict=True):
         assert h.shape == (len(pos), model.config.get_text_config().hidden_size)
         own = _hf_own_logits(model, processor, sample)[pos]
         torch.testing.assert_close(head.logits(h), own, rtol=0, atol=1e-5)

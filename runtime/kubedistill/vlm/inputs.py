@@ -18,7 +18,7 @@ one and raises :class:`ExpansionMismatch` on any difference.
 each image's pixels appear once). :func:`position_ids` gives the positions a training forward
 must pass: for M-RoPE models (Qwen2/2.5-VL; the model has ``get_rope_index``) the model's
 own 3-D ``(t, h, w)`` positions, ``[3, batch, seq]``; otherwise the 1-D text positions
-``cumsum(attention_mask) - 1``, ``[batch, seq]``.
+``cumsum(attention_mask) - 1``, ``[batch, seq]``; padding gets position 0 in both.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def check_expansion(prepared_ids: list[int], engine_ids: list[int], *, image_tok
     """Raise :class:`ExpansionMismatch` unless the engine's tokens equal prepare's."""
     if list(prepared_ids) == list(engine_ids):
         return
-    first = next((i for i, (a, b) in enumerate(zip(prepared_ids, engine_ids)) if a != b),
+    first = next((i for i, (a, b) in enumerate(zip(prepared_ids, engine_ids, strict=False)) if a != b),
                  min(len(prepared_ids), len(engine_ids)))
     n_prep = sum(t == image_token_id for t in prepared_ids)
     n_eng = sum(t == image_token_id for t in engine_ids)
@@ -121,7 +121,7 @@ def position_ids(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     owner = _rope_owner(model)
     attn = batch["attention_mask"]
     if owner is None:
-        return (attn.long().cumsum(-1) - 1).clamp_min(0)
+        return (attn.long().cumsum(-1) - 1).masked_fill(attn == 0, 0)
     positions, _ = owner.get_rope_index(
         batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
         image_grid_thw=batch.get("image_grid_thw"), attention_mask=attn)

@@ -125,7 +125,7 @@ class PadExpandingProcessor(ImageTextProcessor):
                 raise ValueError(f"text has {len(pieces) - 1} {self.image_token} but "
                                  f"{len(counts)} images were given")
             text = pieces[0] + "".join(self.image_token * c + rest
-                                       for c, rest in zip(counts, pieces[1:]))
+                                       for c, rest in zip(counts, pieces[1:], strict=True))
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return list(ids), pixels
 
