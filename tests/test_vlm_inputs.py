@@ -138,6 +138,43 @@ def test_training_forward_equals_hf_forward(vlm):
                                    rtol=0, atol=1e-5)
 
 
+def test_collate_keeps_each_image_once(vlm):
+    family, _, processor = vlm
+    samples = _samples(processor)
+    batch = collate(samples, processor, pad_id=processor.tokenizer.pad_token_id)
+    if family == "qwen2_vl":
+        assert batch["image_grid_thw"].shape[0] == 3
+        assert batch["pixel_values"].shape[0] == sum(s.pixels["pixel_values"].shape[0]
+                                                     for s in samples)
+        assert torch.equal(batch["pixel_values"][:samples[0].pixels["pixel_values"].shape[0]],
+                           samples[0].pixels["pixel_values"])
+    else:
+        pv = batch["pixel_values"]
+        assert pv.shape[:2] == (2, 2)  # the 1-image row is padded with an all-zero image
+        real = pv.flatten(2).ne(0).any(-1)
+        assert real.tolist() == [[True, False], [True, True]]
+    assert batch["mm_token_type_ids"].sum() == sum(
+        sum(t == processor.image_token_id for t in s.input_ids) for s in samples)
+
+
+def test_processor_config_follows_the_image_processor(vlm, tmp_path):
+    import json
+
+    family, _, processor = vlm
+    config = processor.config()
+    json.dumps(config)  # JSON-able, for the cache key
+    images = processor.processor.image_processor if family == "idefics3" else \
+        processor.image_processor
+    before = json.dumps(config, sort_keys=True)
+    saved = images.do_normalize
+    images.do_normalize = not saved
+    try:
+        assert json.dumps(processor.config(), sort_keys=True) != before
+    finally:
+        images.do_normalize = saved
+    assert json.dumps(processor.config(), sort_keys=True) == before
+
+
 def test_positions_are_the_models_own(vlm):
     """Qwen2-VL: 3-D M-RoPE positions, and 2-D text positions would change the logits.
     Idefics3 (1-D RoPE): the text positions of each row, padding clamped to 0."""

@@ -70,6 +70,14 @@ class AutoImageTextProcessor(ImageTextProcessor):
             getattr(processor, "fake_image_token", None), getattr(processor, "global_image_tag",
                                                                   None),
             getattr(processor, "image_token", None)) if t)
+        self.extra_structure_ids = set(getattr(processor, "row_col_ids", None) or ())
+
+    @property
+    def structure_token_ids(self) -> set[int]:
+        """The markers around images, the image token, and Idefics3's ``<row_i_col_j>`` tile
+        tokens (when the tokenizer has them)."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        return super().structure_token_ids | (self.extra_structure_ids - {unk, None})
 
     def render(self, messages, add_generation_prompt=False):
         return self.processor.apply_chat_template(
