@@ -214,3 +214,8 @@ def test_teacher_states_rebuild_the_logits(vlm):
         assert h.shape == (len(pos), model.config.get_text_config().hidden_size)
         own = _hf_own_logits(model, processor, sample)[pos]
         torch.testing.assert_close(head.logits(h), own, rtol=0, atol=1e-5)
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown tiny VLM family 'llava'"):
+        build_tiny_vlm(str(tmp_path), "llava")

@@ -226,7 +226,8 @@ def attach_images(messages: list[dict[str, Any]], column_value: Any, *, base_dir
     wanted = sum(_inline_source(p) is None for p in slots)
     if wanted != len(column):
         raise RowError(image_field or input_field,
-                       f"{wanted} image placeholder(s) take images from '{image_field}' but it "
+                       f"{wanted} image placeholder(s) take images from "
+                       f"'{image_field or 'image_key'}' but it "
                        f"holds {len(column)} image(s)")
     pending = iter(column)
     images = []
