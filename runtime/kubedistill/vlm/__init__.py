@@ -1,0 +1,1 @@
+"""Vision-language models: processors, image-text inputs, positions (see docs/vlm.md)."""
