@@ -25,9 +25,7 @@ import os
 import time
 from typing import Any
 
-import yaml
-
-from kubedistill.config import Config
+from kubedistill.config import Config, parse_yaml
 from kubedistill.errors import ConfigError
 
 MARKER = "@@kubedistill "
@@ -50,7 +48,13 @@ def _is_relative_path(path: str | None) -> bool:
 def _loads(text: str | None, what: str) -> dict[str, Any]:
     if not text or not text.strip():
         return {}
-    data = json.loads(text) if what.endswith("JSON") else yaml.safe_load(text)
+    if what.endswith("JSON"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{what}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+    else:
+        data = parse_yaml(text, what)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kubedistill.config import parse_overrides
+from kubedistill.config import load_config, parse_overrides
 
 
 def _toleration(text: str) -> dict:
@@ -113,6 +113,7 @@ def run_arguments(recipe: str, work_dir: str = "", num_shards: int = 1,
     overrides: dict = {"name": Path(recipe).stem}
     pairs = [f"--{s}" if "=" in s else s for s in (sets or [])]
     overrides.update(parse_overrides(pairs))
+    load_config(recipe, overrides)  # the whole recipe, checked before anything is sent
     return {"recipe": Path(recipe).read_text(), "overrides": json.dumps(overrides),
             "work_dir": work_dir, "num_shards": num_shards}
 

@@ -44,6 +44,7 @@ from kubedistill.config import Config
 from kubedistill.data.build import SampleBuilder
 from kubedistill.data.formats import Record, Source
 from kubedistill.errors import DataError
+from kubedistill.procs import bind_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ _BUILDER: SampleBuilder | None = None
 def _init(cfg: Config) -> None:
     """Worker start: quiet logs (the parent already reported the preflight), load the pair."""
     global _BUILDER
+    bind_to_parent()  # a killed stage leaves no data-prep worker behind
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     logging.getLogger("kubedistill").setLevel(logging.ERROR)
     from kubedistill.data.preflight import load_pair

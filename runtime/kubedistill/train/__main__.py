@@ -8,12 +8,14 @@ import sys
 
 from kubedistill.config import load_config, parse_overrides
 from kubedistill.errors import KubedistillError
+from kubedistill.procs import bind_to_parent
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubedistill.train")
     parser.add_argument("--config", required=True, help="resolved config YAML")
     args, rest = parser.parse_known_args(argv)
+    bind_to_parent()  # torchrun starts workers in their own session: die with torchrun
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, parse_overrides(rest))
     from kubedistill.train.trainer import run_worker

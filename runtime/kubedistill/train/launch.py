@@ -21,6 +21,7 @@ from collections.abc import Callable
 from kubedistill import storage
 from kubedistill.config import Config
 from kubedistill.errors import KubedistillError
+from kubedistill.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +37,6 @@ def local_work_dir(cfg: Config) -> str:
         return storage.local_path(wd)
     tag = hashlib.sha256(wd.encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), "kubedistill-work", tag)
-
-
-def _pdeathsig_setter() -> Callable[[], None] | None:
-    """Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, resolved here in the parent: between fork
-    and exec (``preexec_fn``) the child must not import or take locks."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import signal
-
-    prctl, pr_set_pdeathsig, sigterm = ctypes.CDLL(None).prctl, 1, int(signal.SIGTERM)
-    return lambda: prctl(pr_set_pdeathsig, sigterm)
-
-
-#: ``preexec_fn`` for children that must die with the launching process, however it dies, so
-#: a killed stage never leaves torchrun and its workers running (holding GPUs) behind;
-#: torchrun forwards the SIGTERM to its workers. None where Linux's prctl is not available.
-die_with_parent = _pdeathsig_setter()
 
 
 def torchrun_command(cfg: Config, config_file: str) -> list[str]:
