@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 
 from kubedistill.config import FIELD_GROUP, GROUPS, Config, load_config, parse_overrides
-from kubedistill.errors import KubedistillError
 
 # name -> (module:function taking a Config, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -103,14 +102,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_guarded(fn: Callable[[], int | None]) -> int:
+    """Run a command; a documented failure (see :mod:`kubedistill.errors`) is one line on
+    stderr and its exit code; anything else is a bug and keeps its traceback."""
+    from kubedistill.failures import explain
+
     try:
         return int(fn() or 0)
-    except KubedistillError as exc:
-        print(f"kubedistill: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("kubedistill: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        err = explain(exc)
+        if err is None:
+            raise
+        print(f"kubedistill: error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ its parent thread exits, however the parent dies (SIGKILL and OOM kills included
   between fork and exec the child must not import or take locks);
 - :func:`bind_to_parent`: called first thing in a child we do not spawn ourselves (torchrun's
   workers, which torchrun starts in a session of their own so a process-group kill misses
-  them; data-prep pool workers). If the parent is already gone when it runs, the process
-  exits at once: the parent it was started by was replaced by a reaper (init).
+  them; data-prep pool workers, stage processes under ``kfp.local``). If the parent dies
+  while the flag is being set, the process exits at once.
 
 SGLang's own scheduler and detokenizer processes set the same flag on themselves (SGLang's
 ``kill_itself_when_parent_died``), so a teacher or rollout engine dies with its stage too.
@@ -55,5 +55,5 @@ def bind_to_parent(sig: int = signal.SIGKILL, parent: int | None = None) -> None
         return
     expected = os.getppid() if parent is None else parent
     _PRCTL(PR_SET_PDEATHSIG, int(sig))
-    if os.getppid() != expected or expected == 1:
+    if os.getppid() != expected:  # the parent died before the flag was set
         os._exit(128 + int(sig))

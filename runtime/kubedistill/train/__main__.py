@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from kubedistill.config import load_config, parse_overrides
 from kubedistill.errors import KubedistillError
+from kubedistill.failures import translated
 from kubedistill.procs import bind_to_parent
 
 
@@ -18,12 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     bind_to_parent()  # torchrun starts workers in their own session: die with torchrun
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, parse_overrides(rest))
+    from kubedistill.train.launch import report_worker_error
     from kubedistill.train.trainer import run_worker
 
     try:
-        run_worker(cfg)
+        with translated():
+            run_worker(cfg)
     except KubedistillError as exc:
         print(f"kubedistill: error: {exc}", file=sys.stderr)
+        report_worker_error(cfg, int(os.environ.get("RANK", "0")), exc)
         return exc.exit_code
     return 0
 

@@ -11,8 +11,10 @@ in this process.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from collections.abc import Callable
 
 from kubedistill import storage
 from kubedistill.config import Config
-from kubedistill.errors import KubedistillError
+from kubedistill.errors import KubedistillError, StageFailed
 from kubedistill.procs import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,41 @@ def train(cfg: Config, tracker_factory: Callable | None = None) -> str:
     os.makedirs(os.path.dirname(config_file), exist_ok=True)
     with open(config_file, "w") as f:
         f.write(cfg.to_yaml())
+    errors_dir = worker_errors_dir(cfg)
+    shutil.rmtree(errors_dir, ignore_errors=True)
     cmd = torchrun_command(cfg, config_file)
     log.info("launching: %s", " ".join(cmd))
     rc = subprocess.call(cmd, preexec_fn=die_with_parent)
     if rc != 0:
+        reported = _first_worker_error(errors_dir)
+        if reported is not None:
+            raise StageFailed(reported["message"], reported["exit_code"])
         raise KubedistillError(f"training failed: torchrun exited with code {rc} "
                                "(the worker's error is printed above)")
     return cfg.train.save_path
+
+
+def worker_errors_dir(cfg: Config) -> str:
+    """Where a torchrun worker leaves its documented error (``rank-<r>.json``: message and
+    exit code) for the launcher, since torchrun itself exits 1 for any worker failure."""
+    return os.path.join(local_work_dir(cfg), "train", "worker_errors")
+
+
+def report_worker_error(cfg: Config, rank: int, exc: KubedistillError) -> None:
+    path = os.path.join(worker_errors_dir(cfg), f"rank-{rank}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"message": str(exc), "exit_code": exc.exit_code}, f)
+
+
+def _first_worker_error(errors_dir: str) -> dict | None:
+    if not os.path.isdir(errors_dir):
+        return None
+    names = sorted(os.listdir(errors_dir), key=lambda n: int(n.split("-")[1].split(".")[0]))
+    for name in names:
+        try:
+            with open(os.path.join(errors_dir, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
