@@ -223,6 +223,7 @@ def close_run(pipeline_run: str, state: str, **args) -> str:
     except Exception as exc:  # noqa: BLE001 - an exit task must not hide the outcome
         common.emit("mlflow-run", "closed", status="not closed", error=str(exc))
         return ""
+    parent_run.sync_spooled(cfg)  # what stages could not send, and runs dead stages left
     status = parent_run.close_run(cfg, run_id or "", state)
     common.emit("mlflow-run", "closed", status=status or "not closed", state=state,
                 run_id=run_id)

@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kubedistill.pipelines.local:main",
             "run a whole pipeline locally (kfp.local) from a recipe"),
     "pipeline": ("kubedistill.pipelines.cli:main", "compile or submit a KFP pipeline"),
+    "tracking": ("kubedistill.tracking.heal:main",
+                 "tracking sync WORK_DIR: send spooled metrics, end runs dead stages left"),
     "models": ("kubedistill.models.cli:main",
                "import packaged real models, derive students, list the model cache"),
 }

@@ -191,6 +191,7 @@ class TrackingConfig:
     registered_model_name: str | None = None  # default: the recipe name
     parent_run_id: str | None = None
     pipeline_run_id: str | None = None
+    tracking_end_wait_s: float = 30.0  # at a stage's end, wait this long for a down server
 
 
 @dataclass

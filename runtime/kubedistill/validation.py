@@ -131,8 +131,8 @@ FIELD_RULES: dict[str, Rule] = {
     # eval
     "eval_task": choice("auto", "gsm8k", "rouge", "none"), "eval_max_new_tokens": POSITIVE,
     "eval_num_generations": NON_NEGATIVE, "min_improvement": NON_NEGATIVE,
-    # logging
-    "logging_steps": POSITIVE,
+    # logging, tracking
+    "logging_steps": POSITIVE, "tracking_end_wait_s": NON_NEGATIVE,
 }
 
 
