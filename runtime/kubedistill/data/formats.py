@@ -134,11 +134,11 @@ def read_source(ref: str, split: str | None = None) -> Source:
     for uri in files:
         raw = storage.read_bytes(uri)
         _, ext, comp = _split_ext(uri)
-        data = _DECOMPRESS[comp](raw) if comp else raw
         file_fmt = "arrow" if fmt == "hf_arrow" else FORMATS[ext]
-        if file_fmt in _TEXT_FORMATS:
-            data = data.removeprefix(_BOM)
         try:
+            data = _DECOMPRESS[comp](raw) if comp else raw
+            if file_fmt in _TEXT_FORMATS:
+                data = data.removeprefix(_BOM)
             records = list(_READERS[file_fmt](uri, data))
         except DataError:
             raise
