@@ -46,9 +46,13 @@ def open_run(cfg: Config, pipeline_run: str) -> str:
     uri = tracking_uri(cfg)
     if uri is None:
         return ""
+    from kubedistill.tracking.registry import with_retries
+
     cfg.tracking.pipeline_run_id = pipeline_run or cfg.tracking.pipeline_run_id
     client = MlflowClient(tracking_uri=uri)
-    return runs.parent_run_id(client, cfg, uri, runs.experiment_id(client, cfg, uri))
+    return with_retries(
+        lambda: runs.parent_run_id(client, cfg, uri, runs.experiment_id(client, cfg, uri)),
+        "opening the pipeline's parent run", uri)
 
 
 def find_run(cfg: Config, pipeline_run: str) -> str | None:

@@ -131,10 +131,26 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace, client_factory=None) -> int:
+    """Submit (see the module docstring); the recipe is validated first, and a KFP host that
+    cannot be reached is ServiceUnavailable (exit 5) naming it."""
+    arguments = run_arguments(args.recipe, args.work_dir, args.num_shards, args.set)
+    try:
+        return _submit_to(args, arguments, client_factory)
+    except Exception as exc:
+        from kubedistill.errors import KubedistillError, ServiceUnavailable
+        from kubedistill.tracking.runs import is_unreachable
+
+        if isinstance(exc, KubedistillError) or not is_unreachable(exc):
+            raise
+        raise ServiceUnavailable(
+            f"KFP API at {args.host} is unreachable ({type(exc).__name__}): check --host "
+            "(e.g. a running `kubectl port-forward` to ml-pipeline-ui) and retry") from exc
+
+
+def _submit_to(args: argparse.Namespace, arguments: dict, client_factory=None) -> int:
     import kfp
 
     client = (client_factory or kfp.Client)(host=args.host)
-    arguments = run_arguments(args.recipe, args.work_dir, args.num_shards, args.set)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.pipeline, _target(args, args.target), tmp)
         result = client.create_run_from_pipeline_package(

@@ -102,6 +102,7 @@ def _list_files(ref: str, split: str | None) -> tuple[str, str, list[str]]:
     name, uri = resolve_ref(ref)
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
+        _check_bucket(fs, uri)
         raise DataError(f"dataset {ref} does not exist")
     if not fs.isdir(path):
         fmt = FORMATS.get(_split_ext(path)[1])
@@ -125,6 +126,20 @@ def _list_files(ref: str, split: str | None) -> tuple[str, str, list[str]]:
     if not files:
         raise DataError(f"{ref}: folder holds no data files ({', '.join(FORMATS)})")
     return name, "folder", [child(p) for p in files]
+
+
+def _check_bucket(fs, uri: str) -> None:
+    """On an object store, a missing bucket is the store's error (exit 5), not a missing
+    dataset (exit 3)."""
+    if uri.split("://", 1)[0] not in ("s3", "s3a"):
+        return
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    if bucket and not fs.exists(bucket):
+        from kubedistill.errors import ServiceUnavailable
+        from kubedistill.failures import s3_endpoint
+
+        raise ServiceUnavailable(f"bucket '{bucket}' does not exist on the object store at "
+                                 f"{s3_endpoint()} ({uri}): create it or fix the URI.")
 
 
 def read_source(ref: str, split: str | None = None) -> Source:
