@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubedistill.train")
     parser.add_argument("--config", required=True, help="resolved config YAML")
     args, rest = parser.parse_known_args(argv)
-    bind_to_parent()  # torchrun starts workers in their own session: die with torchrun
+    # torchrun starts workers in a session of their own: die with torchrun, however it dies
+    bind_to_parent(parent_runs=("torch.distributed.run", "torchrun"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, parse_overrides(rest))
     from kubedistill.train.launch import report_worker_error
