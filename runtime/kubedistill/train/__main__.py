@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="resolved config YAML")
     args, rest = parser.parse_known_args(argv)
     # torchrun starts workers in a session of their own: die with torchrun, however it dies
-    bind_to_parent(parent_runs=("torch.distributed.run", "torchrun"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        bind_to_parent(parent_runs=("torch.distributed.run", "torchrun"))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, parse_overrides(rest))
     from kubedistill.train.launch import report_worker_error
