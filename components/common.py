@@ -13,7 +13,10 @@ Contracts:
   ``{work_dir}/checkpoints`` (absolute paths and URIs are kept).
 - :func:`run_stage` prints one progress line before and one after the stage, each
   ``@@kubedistill {json}`` with ``stage``, ``event`` (start|end|error) and ``seconds``;
-  ``kubedistill run`` shows only these lines on the terminal.
+  ``kubedistill run`` shows only these lines on the terminal. An ``error`` line also carries
+  ``exit_code``, the stage's documented exit code (:mod:`kubedistill.errors`), which
+  ``kubedistill run`` exits with; external failures are translated first
+  (:mod:`kubedistill.failures`).
 - :func:`write_artifact` writes a small JSON document to a KFP artifact's local path and
   puts the storage URI it points at into ``metadata["uri"]``.
 """
@@ -23,14 +26,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import time
 from typing import Any
 
-import yaml
-
 from kubedistill import kdflow_flags
-from kubedistill.config import Config
-from kubedistill.errors import ConfigError
+from kubedistill.config import Config, parse_yaml
+from kubedistill.errors import ConfigError, exit_code_of
+from kubedistill.failures import translated
+from kubedistill.procs import bind_to_parent
 
 MARKER = "@@kubedistill "
 
@@ -52,7 +56,13 @@ def _is_relative_path(path: str | None) -> bool:
 def _loads(text: str | None, what: str) -> dict[str, Any]:
     if not text or not text.strip():
         return {}
-    data = json.loads(text) if what.endswith("JSON") else yaml.safe_load(text)
+    if what.endswith("JSON"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{what}:{exc.lineno}:{exc.colno}: {exc.msg}") from None
+    else:
+        data = parse_yaml(text, what)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -95,16 +105,27 @@ def resolve(target: str):
     return getattr(importlib.import_module(module), func)
 
 
+def _tracking_uri(cfg: Config) -> str | None:
+    try:
+        from kubedistill.tracking.runs import resolve_tracking_uri
+
+        return resolve_tracking_uri(cfg)
+    except Exception:  # noqa: BLE001 - only used to name the server in a message
+        return None
+
+
 def run_stage(stage: str, cfg: Config, label: str | None = None) -> Any:
     """Call the runtime function of ``stage`` on ``cfg``, with progress lines and timing."""
     label = label or stage
+    bind_to_parent(signal.SIGTERM)  # a killed `kubedistill run` / launcher takes us along
     emit(label, "start")
     started = time.monotonic()
     try:
-        result = stage_function(stage)(cfg)
+        with translated(tracking_uri=_tracking_uri(cfg)):
+            result = stage_function(stage)(cfg)
     except BaseException as exc:
         emit(label, "error", seconds=round(time.monotonic() - started, 2),
-             error=f"{type(exc).__name__}: {exc}")
+             error=f"{type(exc).__name__}: {exc}", exit_code=exit_code_of(exc))
         raise
     emit(label, "end", seconds=round(time.monotonic() - started, 2))
     return result

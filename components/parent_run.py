@@ -8,8 +8,9 @@ under it (components pass ``parent_run_id``).
 
 The exit task may depend on no other task, so it finds the parent by that tag
 (:func:`find_run`) and marks it terminated: KFP state SUCCEEDED -> FINISHED,
-CANCELED/CANCELLED -> KILLED, anything else -> FAILED. Closing never raises: an exit task
-that fails would hide the real outcome of the pipeline.
+CANCELED/CANCELLED -> KILLED, anything else -> FAILED. Before that it syncs the stages'
+spooled metrics and ends the runs dead stages left RUNNING (:func:`sync_spooled`). Closing
+never raises: an exit task that fails would hide the real outcome of the pipeline.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ def open_run(cfg: Config, pipeline_run: str) -> str:
     uri = tracking_uri(cfg)
     if uri is None:
         return ""
+    from kubedistill.tracking.registry import with_retries
+
     cfg.tracking.pipeline_run_id = pipeline_run or cfg.tracking.pipeline_run_id
     client = MlflowClient(tracking_uri=uri)
-    return runs.parent_run_id(client, cfg, uri, runs.experiment_id(client, cfg, uri))
+    return with_retries(
+        lambda: runs.parent_run_id(client, cfg, uri, runs.experiment_id(client, cfg, uri)),
+        "opening the pipeline's parent run", uri)
 
 
 def find_run(cfg: Config, pipeline_run: str) -> str | None:
@@ -68,6 +73,18 @@ def find_run(cfg: Config, pipeline_run: str) -> str | None:
         filter_string=f"tags.`{TAG_PIPELINE}` = '{pipeline_run}' and "
                       f"tags.`{TAG_ROLE}` = 'parent'")
     return found[0].info.run_id if found else None
+
+
+def sync_spooled(cfg: Config) -> dict:
+    """Send what the stages of this work dir spooled while MLflow was down and end the runs
+    that dead stages left RUNNING (:mod:`kubedistill.tracking.heal`); never raises."""
+    from kubedistill import storage
+    from kubedistill.tracking.heal import replay_quietly
+
+    uri = tracking_uri(cfg)
+    if uri is None or not storage.is_local(cfg.storage.work_dir):
+        return {"runs": [], "metrics": 0}
+    return replay_quietly(storage.local_path(cfg.storage.work_dir), uri)
 
 
 def close_run(cfg: Config, run_id: str, kfp_state: str) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 from kubedistill.components import common
 from kubedistill.components.common import build_config, read_json_uri, run_stage, write_artifact
 from kubedistill.config import join_uri
+from kubedistill.errors import exit_code_of
+from kubedistill.failures import translated
 
 # upstream artifact name -> the Config field its metadata["uri"] sets
 UPSTREAM_PATHS = {"prepared": ("storage", "prepared_path"),
@@ -28,8 +30,13 @@ UPSTREAM_PATHS = {"prepared": ("storage", "prepared_path"),
 def _settings(args: dict[str, Any]):
     """The Config of this component; upstream artifacts (``args['upstream']``: name ->
     artifact or None) point the stage at the storage URIs their producers recorded."""
-    cfg = build_config(args["recipe"], args.get("overrides", ""), args.get("work_dir", ""),
-                       args.get("pinned", ""), args.get("parent_run_id", ""))
+    try:
+        cfg = build_config(args["recipe"], args.get("overrides", ""), args.get("work_dir", ""),
+                           args.get("pinned", ""), args.get("parent_run_id", ""))
+    except Exception as exc:
+        common.emit("config", "error", seconds=0, error=f"{type(exc).__name__}: {exc}",
+                    exit_code=exit_code_of(exc))
+        raise
     for name, artifact in (args.get("upstream") or {}).items():
         uri = (getattr(artifact, "metadata", None) or {}).get("uri") if artifact else None
         if uri:
@@ -194,7 +201,13 @@ def open_run(pipeline_run: str = "", **args) -> str:
     cfg = _settings(args)
     common.emit("mlflow-run", "start")
     started = time.monotonic()
-    run_id = parent_run.open_run(cfg, pipeline_run)
+    try:
+        with translated(tracking_uri=parent_run.tracking_uri(cfg)):
+            run_id = parent_run.open_run(cfg, pipeline_run)
+    except BaseException as exc:
+        common.emit("mlflow-run", "error", seconds=round(time.monotonic() - started, 2),
+                    error=f"{type(exc).__name__}: {exc}", exit_code=exit_code_of(exc))
+        raise
     common.emit("mlflow-run", "end", seconds=round(time.monotonic() - started, 2),
                 run_id=run_id)
     return run_id
@@ -210,6 +223,7 @@ def close_run(pipeline_run: str, state: str, **args) -> str:
     except Exception as exc:  # noqa: BLE001 - an exit task must not hide the outcome
         common.emit("mlflow-run", "closed", status="not closed", error=str(exc))
         return ""
+    parent_run.sync_spooled(cfg)  # what stages could not send, and runs dead stages left
     status = parent_run.close_run(cfg, run_id or "", state)
     common.emit("mlflow-run", "closed", status=status or "not closed", state=state,
                 run_id=run_id)

@@ -121,7 +121,7 @@ def run_arguments(recipe: str | None, work_dir: str = "", num_shards: int = 1,
     pairs = list(flags or []) + [f"--{s}" if "=" in s else s for s in (sets or [])]
     overrides: dict = {"name": Path(recipe).stem} if recipe else {}
     overrides.update(kdflow_overrides(pairs, recipe, localize=False, pipeline=pipeline))
-    load_config(recipe, overrides)  # fail before compiling
+    load_config(recipe, overrides)  # the whole recipe, checked before anything is sent
     return {"recipe": Path(recipe).read_text() if recipe else "",
             "overrides": json.dumps(overrides), "work_dir": work_dir,
             "num_shards": num_shards}
@@ -141,10 +141,26 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _submit(args: argparse.Namespace, client_factory=None, flags: list[str] | None = None,
             ) -> int:
-    import kfp
-
+    """Submit (see the module docstring); the recipe is validated first, and a KFP host that
+    cannot be reached is ServiceUnavailable (exit 5) naming it."""
     arguments = run_arguments(args.recipe, args.work_dir, args.num_shards, args.set, flags,
                               args.pipeline)
+    try:
+        return _submit_to(args, arguments, client_factory)
+    except Exception as exc:
+        from kubedistill.errors import KubedistillError, ServiceUnavailable
+        from kubedistill.tracking.runs import is_unreachable
+
+        if isinstance(exc, KubedistillError) or not is_unreachable(exc):
+            raise
+        raise ServiceUnavailable(
+            f"KFP API at {args.host} is unreachable ({type(exc).__name__}): check --host "
+            "(e.g. a running `kubectl port-forward` to ml-pipeline-ui) and retry") from exc
+
+
+def _submit_to(args: argparse.Namespace, arguments: dict, client_factory=None) -> int:
+    import kfp
+
     client = (client_factory or kfp.Client)(host=args.host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.pipeline, _target(args, args.target), tmp)

@@ -202,7 +202,10 @@ def run(recipe: str | None, overrides: dict[str, Any] | None = None,
             except RuntimeError as exc:
                 log.write(f"\n{exc}\n")
                 ok = False
-    if not ok:
+    failure = failed_stage(progress.events) if not ok else None
+    if failure is not None and failure.get("exit_code", 1) != 1:
+        out.write(f"  error: {failure.get('error', '')}\n")  # documented: one line
+    elif not ok:
         trace = last_traceback(log_path.read_text())
         if trace:
             out.write("  the failing stage's traceback (end):\n"
@@ -212,8 +215,28 @@ def run(recipe: str | None, overrides: dict[str, Any] | None = None,
     return ok, run_dir
 
 
+def failed_stage(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first ``error`` progress event of a run (the stage that failed), or None."""
+    return next((e for e in events if e.get("event") == "error"), None)
+
+
+def exit_code(run_dir: str | Path) -> int:
+    """The exit code of a failed run: the documented code of the stage that failed, read
+    from its ``error`` progress line in ``pipeline.log`` (1 when none says)."""
+    events = []
+    for line in (Path(run_dir) / "pipeline.log").read_text(errors="replace").splitlines():
+        at = line.find(MARKER)
+        if at >= 0:
+            with contextlib.suppress(json.JSONDecodeError):
+                events.append(json.loads(line[at + len(MARKER):]))
+    failure = failed_stage(events)
+    return int(failure.get("exit_code", 1)) if failure else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``kubedistill run``: exits 0, or with the failing stage's exit code (3 data, 4
+    artifact mismatch, 5 service, 130 interrupted; see kubedistill.errors)."""
     args, rest = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ok, _ = run(args.recipe, parse_overrides(rest), args.pipeline)
-    return 0 if ok else 1
+    ok, run_dir = run(args.recipe, parse_overrides(rest), args.pipeline)
+    return 0 if ok else exit_code(run_dir)

@@ -52,10 +52,10 @@ def test_every_kdflow_argument_is_accepted_with_its_default():
 def test_flat_and_grouped_spellings_and_kdflow_boolean_flags():
     cfg = load_config(None, parse_overrides(
         ["--kd_ratio", "0.3", "--kd.kd_loss_fn=rkl", "--bf16", "--adam_betas", "0.9,0.95",
-         "--teacher_quantization", "None", "--min_lr", "-1e-9"]))
+         "--teacher_quantization", "None", "--save_steps", "-1"]))
     assert cfg.kd.kd_ratio == 0.3 and cfg.kd.kd_loss_fn == "rkl"
     assert cfg.train.bf16 is True and cfg.train.adam_betas == (0.9, 0.95)
-    assert cfg.kd.teacher_quantization is None and cfg.train.min_lr == -1e-9
+    assert cfg.kd.teacher_quantization is None and cfg.train.save_steps == -1
 
 
 def test_typo_is_caught_with_a_suggestion():

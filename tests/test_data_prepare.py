@@ -213,7 +213,7 @@ def test_rerun_is_a_noop_until_something_changes(tmp_path, smollm2_dir):
 
 
 def test_empty_result_is_a_data_error(tmp_path, smollm2_dir):
-    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q"}] * 3)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "", "label": "1"}] * 3)
     with pytest.raises(DataError, match="no train rows"):
         prepare(make_cfg(tmp_path, smollm2_dir, data))
 

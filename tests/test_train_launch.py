@@ -12,7 +12,7 @@ import pytest
 
 PARENT = """
 import subprocess, sys, time
-from kubedistill.train.launch import die_with_parent
+from kubedistill.procs import die_with_parent
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
                          preexec_fn=die_with_parent)
 print(child.pid, flush=True)

@@ -221,6 +221,7 @@ class TrackingConfig:
     registered_model_name: str | None = None  # default: the recipe name
     parent_run_id: str | None = None
     pipeline_run_id: str | None = None
+    tracking_end_wait_s: float = 30.0  # at a stage's end, wait this long for a down server
 
 
 @dataclass
@@ -306,43 +307,12 @@ class Config:
         return self
 
     def validate(self, world_size: int | None = None) -> Config:
-        """Check combinations that no single field can check; raise ConfigError."""
+        """Check every key of every stage at once (:mod:`kubedistill.validation`); raise one
+        ConfigError listing every problem."""
+        from kubedistill.validation import validate_config
+
         kdflow_flags.check(self)
-        _check_choice("on_bad_row", self.data.on_bad_row, ("skip", "fail"))
-        _check_choice("length_policy", self.data.length_policy, ("filter", "truncate"))
-        _check_choice("cache_dtype", self.cache.cache_dtype, ("bf16", "fp16", "fp32", "fp8"))
-        _check_choice("teacher_backend", self.cache.teacher_backend, ("auto", "hf", "sglang"))
-        _check_choice("rollout_backend", self.rollout.rollout_backend, ("auto", "hf", "sglang"))
-        _check_choice("sglang_dtype", self.model.sglang_dtype,
-                      ("bfloat16", "float16", "float32", "auto"))
-        _check_choice("dskd_token_align", self.kd.dskd_token_align, ("eta", "cma"))
-        _check_choice("eval_task", self.eval.eval_task, ("auto", "gsm8k", "rouge", "none"))
-        if not 0.0 <= self.kd.kd_ratio <= 1.0:
-            raise ConfigError(f"kd_ratio must be in [0, 1], got {self.kd.kd_ratio}")
-        if self.kd.kd_temperature <= 0:
-            raise ConfigError(f"kd_temperature must be > 0, got {self.kd.kd_temperature}")
-        if not 0.0 < self.kd.teacher_ema_decay < 1.0:
-            raise ConfigError("teacher_ema_decay must be in (0, 1)")
-        if self.train.use_dynamic_bsz and self.train.max_token_len_per_gpu <= 0:
-            raise ConfigError("use_dynamic_bsz needs max_token_len_per_gpu > 0")
-        if self.data.train_dataset_probs and self.data.train_dataset_path:
-            paths = split_list(self.data.train_dataset_path)
-            probs = split_list(self.data.train_dataset_probs)
-            if len(paths) != len(probs):
-                raise ConfigError(
-                    f"train_dataset_probs has {len(probs)} entries but train_dataset_path "
-                    f"has {len(paths)}")
-        if self.cache.shard_index >= self.cache.num_shards:
-            raise ConfigError(f"shard_index {self.cache.shard_index} must be < num_shards "
-                              f"{self.cache.num_shards}")
-        if world_size is not None and not self.train.use_dynamic_bsz:
-            per_step = self.train.micro_train_batch_size * world_size
-            if self.train.train_batch_size % per_step:
-                raise ConfigError(
-                    f"train_batch_size {self.train.train_batch_size} is not divisible by "
-                    f"micro_train_batch_size {self.train.micro_train_batch_size} x world size "
-                    f"{world_size}; choose train_batch_size as a multiple of {per_step}")
-        return self
+        return validate_config(self, world_size)
 
 
 # ---- field table ------------------------------------------------------------------------
@@ -367,13 +337,6 @@ def _locate(key: str) -> tuple[str, str]:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.3)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got '{value}'{hint}")
 
 
 # HfArgumentParser's (KDFlow's) spellings, plus on/off
@@ -449,13 +412,35 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def read_recipe(recipe: str | Path) -> str:
+    """The text of a recipe file; ConfigError naming it when it cannot be read."""
+    try:
+        return Path(recipe).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read recipe {recipe}: {exc}") from exc
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` whose syntax errors become one ConfigError line naming
+    ``source``, the line and the column (1-based), and what the parser expected."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        detail = f"{what} ({context})" if context else what
+        raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
+
+
 def load_config(recipe: str | Path | None = None, overrides: dict[str, Any] | None = None,
                 ) -> Config:
     """Defaults <- recipe YAML (flat or grouped) <- overrides, KDFlow's alias flags mapped
     (:func:`kubedistill.kdflow_flags.apply`), then validate."""
     cfg = Config()
     if recipe is not None:
-        data = yaml.safe_load(Path(recipe).read_text()) or {}
+        data = parse_yaml(read_recipe(recipe), str(recipe)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{recipe}: a recipe must be a mapping")
         cfg.name = Path(recipe).stem

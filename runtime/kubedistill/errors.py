@@ -2,7 +2,11 @@
 
 Exit codes: 0 success, 1 unexpected failure (a bug: traceback shown), 2 configuration or usage
 error, 3 bad input data, 4 a stored artifact does not match (cache key, checksum, manifest),
-5 an external service (MLflow, object store, KFP) stayed unreachable after retries.
+5 an external service or resource failed: MLflow, the object store or the KFP host stayed
+unreachable after retries or refused us (credentials, access, missing bucket, throttling), or
+a disk filled up (see :mod:`kubedistill.failures`), 130 interrupted (SIGINT).
+Every code but 1 comes with one line on stderr and no traceback; ``kubedistill run`` exits
+with the code of the stage that failed.
 """
 
 
@@ -32,3 +36,21 @@ class ServiceUnavailable(KubedistillError):
     """An external service stayed unreachable after retries."""
 
     exit_code = 5
+
+
+class StageFailed(KubedistillError):
+    """A failure reported by another process (a torchrun worker, a pipeline stage), carried
+    with that process's exit code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = int(exit_code)
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The documented exit code for ``exc`` (1 for a bug)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    if isinstance(exc, KubedistillError):
+        return exc.exit_code
+    return 1

@@ -7,10 +7,15 @@ S3 settings come only from the environment (never from a recipe): ``AWS_ACCESS_K
 
 Contract of :func:`write_bytes_atomic`: a reader never sees a partly written file. Locally it
 writes a temporary sibling and renames it; on object stores a single PUT is already atomic.
+Object stores have no folders: :func:`makedirs` is a no-op there and nothing here creates a
+bucket, so a mistyped bucket is an error, not a new bucket. Failures of the store (endpoint
+down, no credentials, access denied, no bucket, throttling) and a full disk leave these
+functions as the one-line errors of :mod:`kubedistill.failures`, naming the URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +24,8 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from kubedistill.failures import translated
 
 
 def _s3_options() -> dict[str, Any]:
@@ -64,19 +71,23 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
+    with translated(uri):
+        fs, path = filesystem(uri)
+        return fs.exists(path)
 
 
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
-    fs.makedirs(path, exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        with translated(uri):
+            fs.makedirs(path, exist_ok=True)
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    with translated(uri):
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as f:
+            return f.read()
 
 
 def read_json(uri: str) -> Any:
@@ -85,20 +96,24 @@ def read_json(uri: str) -> Any:
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so that ``uri`` is either absent, old, or complete (see module doc)."""
-    fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    if isinstance(fs, LocalFileSystem):
+    with translated(uri):
+        fs, path = filesystem(uri)
+        if not isinstance(fs, LocalFileSystem):
+            with fs.open(path, "wb") as f:
+                f.write(data)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # a full disk must not keep the partial temp file
+            raise
 
 
 def write_json_atomic(uri: str, obj: Any) -> None:
@@ -110,7 +125,8 @@ def upload_dir(local_dir: str, uri: str) -> None:
     fs, path = filesystem(uri)
     if isinstance(fs, LocalFileSystem) and os.path.abspath(path) == os.path.abspath(local_dir):
         return
-    fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
+    with translated(uri):
+        fs.put(local_dir.rstrip("/") + "/", path, recursive=True)
 
 
 def download_dir(uri: str, local_dir: str) -> str:
@@ -119,7 +135,8 @@ def download_dir(uri: str, local_dir: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return path
     os.makedirs(local_dir, exist_ok=True)
-    fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+    with translated(uri):
+        fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
     return local_dir
 
 
@@ -130,7 +147,7 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_file(uri: str, chunk: int = 1 << 22) -> str:
     fs, path = filesystem(uri)
     h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
+    with translated(uri), fs.open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -17,7 +17,6 @@ import sys
 from collections.abc import Callable
 
 from kubedistill.config import FIELD_GROUP, GROUPS, Config, load_config, parse_overrides
-from kubedistill.errors import KubedistillError
 
 # name -> (module:function taking a Config, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
@@ -42,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kubedistill.pipelines.local:main",
             "run a whole pipeline locally (kfp.local) from a recipe"),
     "pipeline": ("kubedistill.pipelines.cli:main", "compile or submit a KFP pipeline"),
+    "tracking": ("kubedistill.tracking.heal:main",
+                 "tracking sync WORK_DIR: send spooled metrics, end runs dead stages left"),
     "models": ("kubedistill.models.cli:main",
                "import packaged real models, derive students, list the model cache"),
 }
@@ -106,11 +107,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_guarded(fn: Callable[[], int | None]) -> int:
+    """Run a command; a documented failure (see :mod:`kubedistill.errors`) is one line on
+    stderr and its exit code; anything else is a bug and keeps its traceback."""
+    from kubedistill.failures import explain
+
     try:
         return int(fn() or 0)
-    except KubedistillError as exc:
-        print(f"kubedistill: error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("kubedistill: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        err = explain(exc)
+        if err is None:
+            raise
+        print(f"kubedistill: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+

@@ -12,7 +12,9 @@ Alpaca                 ``instruction`` (+ optional ``input``) and ``output``; us
 prompt / response      ``row[input_key]`` a string (or a messages list ending with a user
                        turn) and ``row[output_key]`` the assistant reply
 plain text             ``row[input_key]`` a string and ``output_key`` None: a language-
-                       modelling sample, every token a target (no chat template)
+                       modelling sample, every token a target (no chat template); not
+                       when ``input_key`` is a chat column (``messages``, ...): a string
+                       there is a bad row
 =====================  ==================================================================
 
 ``input_template`` (KDFlow's, used only with ``apply_chat_template: false``) formats a
@@ -38,6 +40,26 @@ from kubedistill.config import DataConfig
 
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
           "gpt": "assistant", "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+#: columns that hold a conversation: a string there is a bad row, never plain text
+CHAT_KEYS = frozenset({"messages", "conversations", "conversation", "chat"})
+
+
+def missing_columns(columns: set[str], data: DataConfig) -> list[tuple[str, str]]:
+    """``(config key, column)`` for each column the data config needs that ``columns`` (the
+    keys of a whole file) lack, following :func:`normalise`'s fallbacks."""
+    missing = []
+    fallback = "conversations" in columns or {"instruction", "output"} <= columns
+    if data.input_key not in columns and not fallback:
+        missing.append(("input_key", data.input_key))
+    if data.output_key and data.input_key in columns and data.output_key not in columns:
+        missing.append(("output_key", data.output_key))
+    for name in ("label_key", "teacher_input_key", "image_key"):
+        column = getattr(data, name)
+        if column and column not in columns:
+            missing.append((name, column))
+    return missing
 
 
 class RowError(Exception):
@@ -150,6 +172,9 @@ def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
     if key == "instruction" and row.get("input"):  # Alpaca: instruction + input
         value = f"{_check_text(value, key)}\n\n{_check_text(row['input'], 'input')}"
     if out_key is None and not isinstance(value, list):
+        if key in CHAT_KEYS:
+            raise RowError(key, f"expected a list of messages, got {type(value).__name__} "
+                                "(for plain text name its column in input_key, e.g. 'text')")
         conv = Conversation(messages=None, text=_templated(_check_text(value, key), data))
         if not conv.text.strip():
             raise RowError(key, "empty text")

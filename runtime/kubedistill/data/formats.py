@@ -17,6 +17,8 @@ Contract: :func:`read_source` never raises for a bad *row*. A row that cannot be
 (malformed JSON, not UTF-8, not an object) comes back as a :class:`Record` with ``error`` set
 and ``data=None``; rows are numbered from 1 (the line number for jsonl, the record index for
 other formats). A file that cannot be read at all raises :class:`DataError` naming it.
+Text formats may start with a UTF-8 byte-order mark and use CRLF line ends (both are read as
+if absent).
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ import pyarrow as pa
 
 from kubedistill import storage
 from kubedistill.errors import DataError
+from kubedistill.failures import translated
 
 PACKAGED_PREFIX = "packaged:"
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".ipc": "arrow",
            ".feather": "arrow"}
 _DECOMPRESS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress}
+_TEXT_FORMATS = ("jsonl", "json", "csv")
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some editors write it
 
 
 @dataclass
@@ -91,6 +96,11 @@ def resolve_ref(ref: str) -> tuple[str, str]:
 
 def list_files(ref: str, split: str | None = None) -> tuple[str, str, list[str]]:
     """(name, format, file URIs) of a dataset reference, without reading the files."""
+    with translated(ref):
+        return _list_files(ref, split)
+
+
+def _list_files(ref: str, split: str | None) -> tuple[str, str, list[str]]:
     name, uri = resolve_ref(ref)
     fs, path = storage.filesystem(uri)
     if not fs.exists(path):
@@ -98,6 +108,7 @@ def list_files(ref: str, split: str | None = None) -> tuple[str, str, list[str]]
 
         if hub.is_hub_id(ref):  # a Hugging Face Hub dataset id, as KDFlow takes them
             return name, "folder", hub.dataset_files(ref, split)
+        _check_bucket(fs, uri)
         raise DataError(f"dataset {ref} does not exist")
     if not fs.isdir(path):
         fmt = FORMATS.get(_split_ext(path)[1])
@@ -110,7 +121,7 @@ def list_files(ref: str, split: str | None = None) -> tuple[str, str, list[str]]
         if split not in splits:
             raise DataError(f"{ref}: split '{split}' not found (splits: {', '.join(splits)})")
         sub = posixpath.join(path, split)
-        _, fmt, files = list_files(child(sub))
+        _, fmt, files = _list_files(child(sub), None)
         return f"{name}.{split}", fmt, files
     if fs.exists(posixpath.join(path, "state.json")):
         state = json.loads(fs.cat_file(posixpath.join(path, "state.json")))
@@ -123,6 +134,20 @@ def list_files(ref: str, split: str | None = None) -> tuple[str, str, list[str]]
     return name, "folder", [child(p) for p in files]
 
 
+def _check_bucket(fs, uri: str) -> None:
+    """On an object store, a missing bucket is the store's error (exit 5), not a missing
+    dataset (exit 3)."""
+    if uri.split("://", 1)[0] not in ("s3", "s3a"):
+        return
+    bucket = uri.split("://", 1)[1].split("/", 1)[0]
+    if bucket and not fs.exists(bucket):
+        from kubedistill.errors import ServiceUnavailable
+        from kubedistill.failures import s3_endpoint
+
+        raise ServiceUnavailable(f"bucket '{bucket}' does not exist on the object store at "
+                                 f"{s3_endpoint()} ({uri}): create it or fix the URI.")
+
+
 def read_source(ref: str, split: str | None = None) -> Source:
     """Read every record of a dataset reference (see the module docstring)."""
     name, fmt, files = list_files(ref, split)
@@ -130,9 +155,11 @@ def read_source(ref: str, split: str | None = None) -> Source:
     for uri in files:
         raw = storage.read_bytes(uri)
         _, ext, comp = _split_ext(uri)
-        data = _DECOMPRESS[comp](raw) if comp else raw
         file_fmt = "arrow" if fmt == "hf_arrow" else FORMATS[ext]
         try:
+            data = _DECOMPRESS[comp](raw) if comp else raw
+            if file_fmt in _TEXT_FORMATS:
+                data = data.removeprefix(_BOM)
             records = list(_READERS[file_fmt](uri, data))
         except DataError:
             raise

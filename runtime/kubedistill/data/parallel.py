@@ -44,6 +44,7 @@ from kubedistill.config import Config
 from kubedistill.data.build import SampleBuilder
 from kubedistill.data.formats import Record, Source
 from kubedistill.errors import DataError
+from kubedistill.procs import bind_to_parent
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class RowBuilder:
 
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init, initargs=(self.cfg,))
+                initializer=_init, initargs=(self.cfg, os.getpid()))
         return self._pool
 
 
@@ -195,9 +196,10 @@ def _tasks(chunks: list[list[Item]], split: str) -> Iterator[tuple]:
 _BUILDER: SampleBuilder | None = None
 
 
-def _init(cfg: Config) -> None:
+def _init(cfg: Config, parent: int) -> None:
     """Worker start: quiet logs (the parent already reported the preflight), load the pair."""
     global _BUILDER
+    bind_to_parent(parent=parent)  # a killed stage leaves no data-prep worker behind
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     logging.getLogger("kubedistill").setLevel(logging.ERROR)
     from kubedistill.data.preflight import load_pair

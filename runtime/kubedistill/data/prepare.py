@@ -36,6 +36,7 @@ from kubedistill import storage
 from kubedistill.config import Config, split_list
 from kubedistill.data import prepared
 from kubedistill.data.build import MAX_LISTED, SampleBuilder
+from kubedistill.data.chat import missing_columns
 from kubedistill.data.formats import list_files, read_source
 from kubedistill.data.parallel import RowBuilder
 from kubedistill.data.preflight import load_pair
@@ -174,10 +175,26 @@ def _read_all(refs: list[str], split_name: str, role: str, builder: SampleBuilde
         if seen[source.name] > 1:  # two inputs with one file name: keep ids unique
             source.name = f"{source.name}#{seen[source.name]}"
         builder.report_read_errors(source, role)
+        _check_columns(source, builder.data)
         out.append((source, [r for r in source.records if r.data is not None]))
         log.info("prepare: read %s (%s, %d files): %d rows", ref, source.format,
                  len(source.files), len(source.records))
     return out
+
+
+def _check_columns(source, data) -> None:
+    """A column the config needs that no row of a file has is one DataError for the file
+    (naming the column and the columns it has), not a bad-row report for every row."""
+    by_file: dict[str, set[str]] = {}
+    for record in source.records:
+        if record.data is not None:
+            by_file.setdefault(record.file, set()).update(record.data)
+    for file, columns in by_file.items():
+        missing = missing_columns(columns, data)
+        if missing:
+            what = ", ".join(f"'{column}' ({key})" for key, column in missing)
+            raise DataError(f"{file}: column {what} is missing from every row; the file has "
+                            f"columns: {', '.join(sorted(columns)) or '(none)'}")
 
 
 def _eval_rows(refs: list[str], cfg: Config, builder: SampleBuilder, rows_of: RowBuilder,

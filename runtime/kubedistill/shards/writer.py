@@ -18,6 +18,7 @@ without fetching the whole shard), ``ids`` (sample ids in row order) and ``key_h
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -70,6 +71,22 @@ def _record_batch(rows: Sequence[ShardRow], schema: pa.Schema, dtype: str) -> pa
     return pa.record_batch([cols[n] for n in schema.names], schema=schema)
 
 
+def _writer_alive(tmp_path: str) -> bool:
+    """Whether the process that owns a temp shard (``.<name>.<pid>.<rand>.tmp``) still runs."""
+    parts = os.path.basename(tmp_path).split(".")
+    try:
+        pid = int(parts[-3])
+    except (IndexError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
 def write_shard(cache_uri: str, name: str, rows: Sequence[ShardRow], *, dtype: str,
                 hidden_size: int, topk: int, meta: dict) -> dict:
     """Write ``{cache_uri}/{name}.arrow`` and then its marker; returns the shard entry.
@@ -82,8 +99,10 @@ def write_shard(cache_uri: str, name: str, rows: Sequence[ShardRow], *, dtype: s
     if tmp_dir:
         os.makedirs(tmp_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(tmp_dir, f".{name}.*.tmp")):  # a killed writer's
-            os.remove(stale)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=tmp_dir)
+            if not _writer_alive(stale):  # never another live writer's file in progress
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stale)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=tmp_dir)
     os.close(fd)
     try:
         batches = []

@@ -28,7 +28,7 @@ from typing import Any
 
 from kubedistill import storage
 from kubedistill.config import Config
-from kubedistill.tracking import runs
+from kubedistill.tracking import heal, runs
 from kubedistill.tracking.plots import plot_curves, read_records
 from kubedistill.tracking.sysmetrics import SystemSampler
 
@@ -67,11 +67,17 @@ class MlflowTracker:
                      if local else os.path.join(self._tmp, "spool"))
         self.spool_path = os.path.join(spool_dir, f"{stage}-{os.getpid()}-"
                                                   f"{uuid.uuid4().hex[:6]}.jsonl")
+        self.journal_path = self.spool_path[:-len(".jsonl")] + heal.JOURNAL_SUFFIX
+        self._journal = heal.new_journal(cfg, stage, tracking_uri, self._start_ms)
+        if local:
+            heal.write_journal(self.journal_path, self._journal)
         self._queue(_Op("tags", runs.run_tags(cfg, stage)))
         self._params: dict[str, str] = runs.config_params(cfg)
         self._queue(_Op("params", dict(self._params)))
         self._queue(_Op("text", (cfg.to_yaml(), "config/config.yaml")))
-        self._flush(force=True)
+        if self._flush(force=True) and local:  # reachable: settle what earlier stages left
+            heal.replay_quietly(storage.local_path(cfg.storage.work_dir), tracking_uri,
+                                skip=(self.journal_path,), timeout=self.timeout)
         self._sampler = (SystemSampler(lambda m, s: self.log_metrics(m, s, _history=False))
                          .start() if SystemSampler.available() else None)
 
@@ -122,11 +128,31 @@ class MlflowTracker:
         self.log_curves(self._history, "metrics")
         self._log_stage_files()
         self._queue(_Op("terminate", status))
-        if not self._flush(force=True):
+        if self._flush_within(self.cfg.tracking.tracking_end_wait_s):
+            for path in (self.spool_path, self.journal_path):
+                if os.path.exists(path):
+                    os.remove(path)
+        else:
             n = self._pending_metrics()
-            log.warning("MLflow at %s still unreachable at the end of stage %s; %d metrics "
-                        "were not sent (kept in %s)", self.uri, self.stage, n, self.spool_path)
+            self._spool()
+            if os.path.exists(self.journal_path):
+                heal.write_journal(self.journal_path, {**self._journal, "status": status})
+            log.warning("MLflow at %s still unreachable at the end of stage %s after waiting "
+                        "%gs; %d metrics were not sent (kept in %s; `kubedistill tracking sync` "
+                        "or the next stage sends them)", self.uri, self.stage,
+                        self.cfg.tracking.tracking_end_wait_s, n, self.spool_path)
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _flush_within(self, seconds: float) -> bool:
+        """Flush, retrying every ``retry_interval`` for at most ``seconds`` (the bounded wait
+        for the server at a stage's end, ``tracking_end_wait_s``)."""
+        deadline = time.monotonic() + max(0.0, seconds)
+        while not self._flush(force=True):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(self.retry_interval, left))
+        return True
 
     # ---- extras -------------------------------------------------------------------------
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -264,6 +290,9 @@ class MlflowTracker:
             tags={"mlflow.parentRunId": self.parent_run_id, **runs.run_tags(self.cfg,
                                                                            self.stage)})
         self.run_id = run.info.run_id
+        self._journal.update(run_id=self.run_id, parent_run_id=self.parent_run_id)
+        if os.path.exists(self.journal_path):
+            heal.write_journal(self.journal_path, self._journal)
 
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is None:

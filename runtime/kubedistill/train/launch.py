@@ -10,15 +10,18 @@ in this process.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 
 from kubedistill import storage
 from kubedistill.config import Config
-from kubedistill.errors import KubedistillError
+from kubedistill.errors import KubedistillError, StageFailed
+from kubedistill.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -30,24 +33,6 @@ def under_torchrun() -> bool:
 def local_work_dir(cfg: Config) -> str:
     """A local directory for this run's local files (``work_dir`` itself when local)."""
     return storage.local_dir_for(cfg.storage.work_dir)
-
-
-def _pdeathsig_setter() -> Callable[[], None] | None:
-    """Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, resolved here in the parent: between fork
-    and exec (``preexec_fn``) the child must not import or take locks."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-    import signal
-
-    prctl, pr_set_pdeathsig, sigterm = ctypes.CDLL(None).prctl, 1, int(signal.SIGTERM)
-    return lambda: prctl(pr_set_pdeathsig, sigterm)
-
-
-#: ``preexec_fn`` for children that must die with the launching process, however it dies, so
-#: a killed stage never leaves torchrun and its workers running (holding GPUs) behind;
-#: torchrun forwards the SIGTERM to its workers. None where Linux's prctl is not available.
-die_with_parent = _pdeathsig_setter()
 
 
 def torchrun_command(cfg: Config, config_file: str) -> list[str]:
@@ -80,10 +65,41 @@ def train(cfg: Config, tracker_factory: Callable | None = None) -> str:
     os.makedirs(os.path.dirname(config_file), exist_ok=True)
     with open(config_file, "w") as f:
         f.write(cfg.to_yaml())
+    errors_dir = worker_errors_dir(cfg)
+    shutil.rmtree(errors_dir, ignore_errors=True)
     cmd = torchrun_command(cfg, config_file)
     log.info("launching: %s", " ".join(cmd))
     rc = subprocess.call(cmd, preexec_fn=die_with_parent)
     if rc != 0:
+        reported = _first_worker_error(errors_dir)
+        if reported is not None:
+            raise StageFailed(reported["message"], reported["exit_code"])
         raise KubedistillError(f"training failed: torchrun exited with code {rc} "
                                "(the worker's error is printed above)")
     return cfg.train.save_path
+
+
+def worker_errors_dir(cfg: Config) -> str:
+    """Where a torchrun worker leaves its documented error (``rank-<r>.json``: message and
+    exit code) for the launcher, since torchrun itself exits 1 for any worker failure."""
+    return os.path.join(local_work_dir(cfg), "train", "worker_errors")
+
+
+def report_worker_error(cfg: Config, rank: int, exc: KubedistillError) -> None:
+    path = os.path.join(worker_errors_dir(cfg), f"rank-{rank}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"message": str(exc), "exit_code": exc.exit_code}, f)
+
+
+def _first_worker_error(errors_dir: str) -> dict | None:
+    if not os.path.isdir(errors_dir):
+        return None
+    names = sorted(os.listdir(errors_dir), key=lambda n: int(n.split("-")[1].split(".")[0]))
+    for name in names:
+        try:
+            with open(os.path.join(errors_dir, name)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return None
