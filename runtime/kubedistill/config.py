@@ -106,7 +106,7 @@ class KDConfig:
     use_ema_teacher: bool = False
     teacher_ema_decay: float = 0.999
     # kubedistill
-    kd_temperature_squared: bool = True  # multiply the KD term by T^2 (Hinton et al.)
+    kd_temperature_squared: bool = False  # multiply the KD term by T^2 (KDFlow: never)
     self_distillation: bool = False  # the teacher is the student itself (on-policy)
 
 
