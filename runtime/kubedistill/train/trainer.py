@@ -31,8 +31,8 @@ from kubedistill.train.checkpoint import Checkpointer
 from kubedistill.train.export import export_hf, write_summary
 from kubedistill.train.fsdp import DistEnv, all_reduce_sum, build_mesh, mixed_precision, shard
 from kubedistill.train.launch import local_work_dir
-from kubedistill.train.optim import build_optimizer, build_scheduler
 from kubedistill.train.lora import base_causal_lm
+from kubedistill.train.optim import build_optimizer, build_scheduler
 from kubedistill.train.student import (
     DistillModule,
     broadcast_state,
