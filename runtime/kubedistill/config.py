@@ -162,6 +162,7 @@ class DataConfig:
     length_policy: str = "filter"  # filter | truncate
     eval_ratio: float = 0.05  # held-out share when no eval_dataset_path is given
     eval_max_samples: int = 200
+    train_all_assistant_turns: bool = False  # False: the last assistant turn only (KDFlow)
 
 
 @dataclass
