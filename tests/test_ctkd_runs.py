@@ -150,15 +150,16 @@ def test_dskd_two_ranks_checkpoint_and_resume(prepared, base, tmp_path):
     assert all(np.isfinite(r["train/kd_teacher_space"]) for r in log)
 
 
-@pytest.mark.parametrize("algorithm", ["simple_ctkd", "dskd"])
-def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm, align", [("simple_ctkd", "eta"), ("dskd", "eta"),
+                                              ("dskd", "cma")])
+def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm, align):
     """On-policy with a teacher of another tokenizer: the student's samples are re-tokenized
     for the live Qwen-tokenizer teacher and aligned; the KD term and the per-iteration
     diagnostics (on the aligned tokens, shared sub-vocabulary) are real numbers."""
     from kubedistill.train.launch import train
 
     wd = tmp_path / algorithm
-    cfg = make(base, kd_algorithm=algorithm, dskd_token_align="eta", rollout_num_engines=1,
+    cfg = make(base, kd_algorithm=algorithm, dskd_token_align=align, rollout_num_engines=1,
                rollout_backend="hf", rollout_batch_size=2, n_samples_per_prompt=2,
                generate_max_len=12, temperature=1.0, prompt_max_len=200, max_steps=2,
                print_rollout_sample=1, work_dir=str(wd), save_path=str(wd / "model"),
