@@ -38,7 +38,8 @@ Token pairing (``dskd_token_align``; the same tokenizer always pairs row i with 
   ``KD_s = KD_T(s_i, sg(u_i))`` over every student row and
   ``KD_t = KD_T(f_t(sum_i b_ji h_s_i M), t_j)`` over every teacher row.
 
-With r = ``kd_ratio``, c = T^2 if ``kd_temperature_squared`` (default 1), Z the normaliser:
+With r = ``kd_ratio``, c = T^2 if ``kd_temperature_squared`` else 1 (the default), Z the
+normaliser:
 
     loss = 1/Z [ (1 - r) sum_i CE(s_i, y_i) + r sum (c KD_s + CE_t2s + c KD_t) ]
 
