@@ -40,12 +40,14 @@ def config(**kd):
     return cfg
 
 
-@pytest.mark.parametrize("squared", [True, False])
+@pytest.mark.parametrize("squared", [True, False, None])
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_vanilla_kd_is_the_documented_mix(squared, chunk):
+    """None: the default, which is KDFlow's (no T^2 factor)."""
     batch, hidden, weight, head = batch_and_inputs()
+    flag = {} if squared is None else {"kd_temperature_squared": squared}
     cfg = config(kd_ratio=0.25, kd_temperature=2.0, kd_loss_fn="skl", skew_lambda=0.3,
-                 kd_temperature_squared=squared, chunked_loss_size=chunk)
+                 chunked_loss_size=chunk, **flag)
     algo = build_algorithm(cfg, head, hidden.shape[1])
     out = algo(batch, hidden, weight, normalizer=30)
     s = hidden @ weight.T

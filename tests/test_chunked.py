@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kubedistill.losses import fused_kd_loss
 from kubedistill.teacher.head import TeacherHead
 
-HP = {"jsd_beta": 0.4, "skew_lambda": 0.1, "adaptive_alpha": 0.5, "hrl_topk": 5}
+HP = {"jsd_beta": 0.3, "skew_lambda": 0.3, "adaptive_alpha": 0.3, "hrl_topk": 4}
 
 
 def make(n=37, d=16, v=101, dt=24, vt=None, dtype=torch.float32, seed=0):

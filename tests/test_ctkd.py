@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kubedistill.algorithms import MicroBatch, build_algorithm
-from kubedistill.algorithms.dskd import MASKED, cma_attention
+from kubedistill.algorithms.dskd import DSKD, MASKED, cma_attention
 from kubedistill.algorithms.simple_ctkd import SimpleCTKD
 from kubedistill.config import Config
 from kubedistill.crosstok.vocab import VocabMap
@@ -62,7 +62,8 @@ def test_simple_ctkd_is_the_documented_mix(chunk):
     s_sub = s[si][:, vmap.student_ids]
     t_sub = head.logits(batch.teacher_hidden[ti])[:, vmap.teacher_ids]
     kd = LOSSES["kl"](s_sub, t_sub, temperature=2.0).sum() / z
-    torch.testing.assert_close(out["loss"], 0.7 * ce + 0.3 * 4.0 * kd, rtol=1e-5, atol=1e-6)
+    # no T^2 factor by default (KDFlow)
+    torch.testing.assert_close(out["loss"], 0.7 * ce + 0.3 * kd, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["ce"], ce.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["kd"], kd.detach(), rtol=1e-5, atol=1e-6)
     assert float(out["aligned"]) == pytest.approx(7 / z)
@@ -117,73 +118,183 @@ def test_simple_ctkd_without_a_vocab_map_names_the_fix(tmp_path):
 
 
 # ---- dskd ---------------------------------------------------------------------------------
-def dskd(align="eta", dtype=torch.float64, seed=3, **kv):
+def dskd(align="eta", dtype=torch.float64, seed=3, vocab="map", perturb=0.0, **kv):
+    """A DSKD on :func:`inputs` (``vocab``: "map" = different tokenizers, "same" = one)."""
     kv.setdefault("kd_ratio", 0.5)
     cfg = config(kd_algorithm="dskd", dskd_token_align=align, seed=seed,
                  chunked_loss_size=None, **kv)
-    batch, hidden, weight, head, _ = inputs(dtype=dtype)
-    algo = build_algorithm(cfg, head, hidden.shape[1]).to(dtype)
-    return algo, batch, hidden, weight
+    batch, hidden, weight, head, vmap = inputs(dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    batch.extras["ct_teacher_input_ids"] = torch.randint(0, head.vocab_size, (10,), generator=g)
+    batch.extras["ct_teacher_target_ids"] = torch.randint(0, head.vocab_size, (10,), generator=g)
+    batch.input_ids = torch.randint(0, weight.shape[0], (1, 13), generator=g)
+    algo = DSKD(cfg, teacher_head=head, student_hidden_size=hidden.shape[1],
+                vocab_map=vmap if vocab == "map" else None).to(dtype)
+    algo.init_from_student(weight.detach())
+    if perturb:
+        with torch.no_grad():
+            algo.t2s.weight.add_(perturb * torch.randn(algo.t2s.weight.shape, generator=g,
+                                                       dtype=dtype))
+    return algo, batch, hidden, weight, head, vmap
 
 
-@pytest.mark.parametrize("align", ["eta", "cma"])
-@pytest.mark.parametrize("kd_ratio, trained", [
-    (0.0, ("t2s", "query", "key")),  # CE_t2s: student-space projector (and CMA attention)
-    (0.5, ("s2t",)),  # KD_t: teacher-space projector
-])
-def test_dskd_projector_gradients(align, kd_ratio, trained):
-    """gradcheck (float64) of the loss in the projectors. KD_s uses sg(t2s ...), so t2s and
-    the attention are checked where only CE_t2s reaches them (kd_ratio 0), s2t with KD on."""
-    algo, batch, hidden, weight = dskd(align, kd_ratio=kd_ratio,
-                                       dskd_topk_vocab=7 if align == "eta" else -1)
-    state = {n: p.detach() for n, p in algo.named_parameters()}
-    names = [n for n in state if n.split(".")[0] in trained]
-    assert names
-    params = tuple(state[n].clone().requires_grad_(True) for n in names)
-    hidden, weight = hidden.detach(), weight.detach()
-
-    def loss(*ps):
-        full = dict(state, **dict(zip(names, ps, strict=True)))
-        return torch.func.functional_call(algo, full, (batch, hidden, weight, 20.0))["loss"]
-
-    assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-6, rtol=1e-4)
-    grads = torch.autograd.grad(loss(*params), params)
-    assert all(g.abs().sum() > 0 for g in grads)  # every projector takes part
+def _np(t):
+    return t.detach().to(torch.float64).numpy()
 
 
-def test_dskd_topk_logits_are_the_full_logits_at_the_teacher_top_ids():
-    from kubedistill.algorithms.dskd import head_logits
-
-    _, _, _, head, _ = inputs(dtype=torch.float64)
-    head.bias = torch.randn(head.vocab_size, dtype=torch.float64)
-    head.softcap, head.scale = 5.0, 0.8
-    h = torch.randn(6, head.hidden_size, dtype=torch.float64, requires_grad=True)
-    ids = torch.randn(6, head.vocab_size).topk(4, dim=-1).indices
-    picked = head_logits(head, h, ids)
-    full = head_logits(head, h).gather(-1, ids)
-    torch.testing.assert_close(picked, full)
-    g1, = torch.autograd.grad(picked.sum(), h)
-    g2, = torch.autograd.grad(full.sum(), h)
-    torch.testing.assert_close(g1, g2)
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def test_dskd_eta_parts_add_up():
-    algo, batch, hidden, weight = dskd("eta", dtype=torch.float32)
-    out = algo(batch, hidden, weight, normalizer=20.0)
-    for k in ("ce", "kd", "kd_student_space", "kd_teacher_space", "ce_t2s", "aligned"):
-        assert torch.isfinite(out[k]), k
+def _kl(student, teacher, temperature):
+    """KL(p_teacher || q_student) per row at temperature T, float64 numpy."""
+    a, b = _log_softmax(teacher / temperature), _log_softmax(student / temperature)
+    return (np.exp(a) * (a - b)).sum(-1)
+
+
+def _ce(logits, y):
+    return -_log_softmax(logits)[np.arange(len(y)), y]
+
+
+def test_dskd_projector_init_is_the_least_squares_map_between_the_heads():
+    """t2s / s2t start as the least-squares maps of the two heads over the shared ids
+    (independent: numpy lstsq in float64); with dskd_topk_vocab k <= the hidden sizes the
+    first k shared logits are reproduced exactly (logit equivalence)."""
+    algo, batch, hidden, weight, head, vmap = dskd("eta")
+    a_s, a_t = _np(weight)[vmap.student_ids].T, _np(head.weight)[vmap.teacher_ids].T
+    x = np.linalg.lstsq(a_s.T, a_t.T, rcond=None)[0]  # A_s^T X ~ A_t^T
+    np.testing.assert_allclose(_np(algo.t2s.weight), x, rtol=1e-4, atol=1e-5)
+    m = np.linalg.lstsq(a_t.T, a_s.T, rcond=None)[0]  # A_t^T Y ~ A_s^T: M = Y^T
+    np.testing.assert_allclose(_np(algo.s2t_map), m.T, rtol=1e-4, atol=1e-5)
+    assert not any(n.startswith("s2t") for n, _ in algo.named_parameters())  # fixed map
+    k = 5  # < d_s = 8 and < d_t = 6: exact
+    small, *_ = dskd("eta", dskd_topk_vocab=k)
+    h_t = batch.teacher_hidden
+    s_ids, t_ids = vmap.student_ids[:k], vmap.teacher_ids[:k]
+    torch.testing.assert_close(small.t2s(h_t) @ weight.detach()[s_ids].T,
+                               h_t @ head.weight[t_ids].T)
+    h_s = hidden.detach()
+    torch.testing.assert_close(h_s @ small.s2t_map @ head.weight[t_ids].T,
+                               h_s @ weight.detach()[s_ids].T)
+
+
+def _eta_reference(algo, batch, hidden, weight, head, vmap, z, r, temperature, squared):
+    """DSKD (eta) written out pair by pair in float64 from the formulas of the paper/KDFlow."""
+    h_s, w_s, w_t = _np(hidden), _np(weight), _np(head.weight)
+    h_t, t2s, m = _np(batch.teacher_hidden), _np(algo.t2s.weight), _np(algo.s2t_map)
+    to_student = {int(t): int(s) for s, t in zip(vmap.student_ids, vmap.teacher_ids,
+                                                 strict=True)}
+    c = temperature ** 2 if squared else 1.0
+    s_all = h_s @ w_s.T
+    ce = _ce(s_all, batch.target_ids.numpy()).sum()
+    kd_s = ce_t2s = kd_t = 0.0
+    agree = used = 0
+    for i, j in zip(batch.extras["ct_student_index"].tolist(),
+                    batch.extras["ct_teacher_index"].tolist(), strict=True):
+        t = h_t[j] @ w_t.T
+        y_star = to_student.get(int(t.argmax()))
+        if y_star is None:
+            continue
+        used += 1
+        u = (h_t[j] @ t2s.T) @ w_s.T
+        ce_t2s += _ce(u[None], np.array([y_star]))[0]
+        if u.argmax() == y_star:
+            agree += 1
+            kd_s += _kl(s_all[i][None], u[None], temperature)[0]
+        kd_t += _kl(((h_s[i] @ m) @ w_t.T)[None], t[None], temperature)[0]
+    loss = (1 - r) * ce / z + r * (c * (kd_s + kd_t) + ce_t2s) / z
+    return loss, agree, used
+
+
+@pytest.mark.parametrize("temperature, squared", [(1.0, False), (2.0, True)])
+def test_dskd_eta_matches_an_independent_float64_reference(temperature, squared):
+    algo, batch, hidden, weight, head, vmap = dskd(
+        "eta", kd_ratio=0.3, kd_temperature=temperature, kd_temperature_squared=squared)
+    z = 20.0
+    out = algo(batch, hidden, weight, normalizer=z)
+    loss, agree, used = _eta_reference(algo, batch, hidden, weight, head, vmap, z, 0.3,
+                                       temperature, squared)
+    assert 0 < agree < used < 7  # the setup exercises the mask and the unmapped top-1
+    np.testing.assert_allclose(float(out["loss"].detach()), loss, rtol=1e-9)
+    assert float(out["aligned"]) == pytest.approx(used / z)
+    assert float(out["t2s_agree"]) == pytest.approx(agree / z)
     torch.testing.assert_close(out["kd"], out["kd_student_space"] + out["kd_teacher_space"])
-    expect = 0.5 * out["ce"] + 0.5 * out["kd"] + out["ce_t2s"]
-    torch.testing.assert_close(out["loss"].detach(), expect, rtol=1e-5, atol=1e-6)
-    assert float(out["aligned"]) == pytest.approx(7 / 20)
 
 
 def test_dskd_same_tokenizer_pairs_rows_one_to_one():
-    algo, batch, hidden, weight = dskd("eta", dtype=torch.float32)
+    algo, batch, hidden, weight, head, _ = dskd("cma", vocab="same", dtype=torch.float32)
+    assert algo.align == "eta"  # KDFlow: one tokenizer -> row-by-row DSKD whatever the align
     batch.extras.clear()
     batch.teacher_hidden = batch.teacher_hidden.new_zeros(12, 6).normal_()
     out = algo(batch, hidden, weight, normalizer=12.0)
-    assert float(out["aligned"]) == pytest.approx(1.0)
+    t_top = (batch.teacher_hidden @ head.weight.T).argmax(-1)
+    assert float(out["aligned"]) == pytest.approx(float((t_top < 40).sum()) / 12)
+
+
+def _cma_reference(algo, batch, hidden, weight, head, z, r):
+    """DSKD (cma) in float64 numpy, one sample at a time."""
+    h_s, w_s, w_t = _np(hidden), _np(weight), _np(head.weight)
+    h_t, t2s, m, q_w = (_np(batch.teacher_hidden), _np(algo.t2s.weight), _np(algo.s2t_map),
+                        _np(algo.query.weight))
+    ex = batch.extras
+    x = batch.input_ids.reshape(-1)[batch.loss_index].numpy()
+    y = batch.target_ids.numpy()
+    s_all = h_s @ w_s.T
+    total = (1 - r) * _ce(s_all, y).sum() / z
+    for b in range(2):
+        si = np.nonzero(ex["ct_student_sample"].numpy() == b)[0]
+        ti = np.nonzero(ex["ct_teacher_sample"].numpy() == b)[0]
+        q = np.concatenate([w_s[x[si]], w_s[y[si]]], -1) @ q_w.T
+        k = np.concatenate([w_t[ex["ct_teacher_input_ids"].numpy()[ti]],
+                            w_t[ex["ct_teacher_target_ids"].numpy()[ti]]], -1)
+        scores = q @ k.T / np.sqrt(2 * w_t.shape[1])
+        a = np.exp(_log_softmax(scores))
+        a_back = np.exp(_log_softmax(scores.T))
+        u = (a @ (h_t[ti] @ t2s.T)) @ w_s.T
+        kd_s = _kl(s_all[si], u, 1.0).sum()
+        ce_t2s = _ce(u, y[si]).sum()
+        kd_t = _kl((a_back @ (h_s[si] @ m)) @ w_t.T, h_t[ti] @ w_t.T, 1.0).sum()
+        total += r * (kd_s + ce_t2s + kd_t) / z
+    return total
+
+
+def test_dskd_cma_matches_an_independent_float64_reference():
+    algo, batch, hidden, weight, head, _ = dskd("cma", kd_ratio=0.4)
+    out = algo(batch, hidden, weight, normalizer=15.0)
+    np.testing.assert_allclose(float(out["loss"]),
+                               _cma_reference(algo, batch, hidden, weight, head, 15.0, 0.4),
+                               rtol=1e-9)
+
+
+def test_dskd_projector_gradients():
+    """gradcheck (float64) of the loss in the t2s projector. KD_s has the stop-gradient
+    target sg(u), which a finite difference does not see, so the setup has no agreeing pair
+    (KD_s = 0; checked): t2s then learns through CE_t2s only, and the s2t map is fixed."""
+    algo, batch, hidden, weight, head, vmap = dskd("eta", kd_ratio=0.5, perturb=0.3)
+    _, agree, used = _eta_reference(algo, batch, hidden, weight, head, vmap, 20.0, 0.5, 1.0,
+                                    False)
+    assert agree == 0 < used
+    state = {n: p.detach() for n, p in algo.named_parameters()}
+    assert sorted(state) == ["t2s.weight"]
+    param = state["t2s.weight"].clone().requires_grad_(True)
+    buffers = dict(algo.named_buffers())
+    hidden, weight = hidden.detach(), weight.detach()
+
+    def loss(p):
+        full = dict(buffers, **{"t2s.weight": p})
+        return torch.func.functional_call(algo, full, (batch, hidden, weight, 20.0))["loss"]
+
+    assert torch.autograd.gradcheck(loss, (param,), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.grad(loss(param), param)[0].abs().sum() > 0
+
+
+def test_dskd_without_student_init_is_an_error():
+    batch, hidden, weight, head, vmap = inputs()
+    algo = DSKD(config(kd_algorithm="dskd"), teacher_head=head, student_hidden_size=8,
+                vocab_map=vmap)
+    with pytest.raises(RuntimeError, match="init_from_student"):
+        algo(batch, hidden, weight, normalizer=12.0)
 
 
 def test_cma_masking_is_finite_with_padding():
@@ -203,10 +314,11 @@ def test_cma_masking_is_finite_with_padding():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dskd_cma_finite_when_a_sample_has_no_teacher_rows(dtype):
-    algo, batch, hidden, weight = dskd("cma", dtype=torch.float32)
+    algo, batch, hidden, weight, *_ = dskd("cma", dtype=torch.float32)
     keep = batch.extras["ct_teacher_sample"] == 0  # sample 1 lost all its teacher rows
     batch.teacher_hidden = batch.teacher_hidden[keep].to(dtype)
-    batch.extras["ct_teacher_sample"] = batch.extras["ct_teacher_sample"][keep]
+    for key in ("ct_teacher_sample", "ct_teacher_input_ids", "ct_teacher_target_ids"):
+        batch.extras[key] = batch.extras[key][keep]
     out = algo(batch, hidden.to(dtype), weight.to(dtype), normalizer=12.0)
     assert all(torch.isfinite(v).all() for v in out.values())
     assert float(out["aligned"]) == pytest.approx(7 / 12)  # sample 0's 7 rows
@@ -220,7 +332,7 @@ def test_dskd_param_groups_and_identical_init():
     groups = a.param_groups()
     assert len(groups) == 1 and groups[0]["lr"] == 3e-3 and groups[0]["weight_decay"] == 0.0
     assert {id(p) for p in groups[0]["params"]} == {id(p) for p in a.parameters()}
-    assert len(groups[0]["params"]) == 8  # s2t, t2s, query, key: weight + bias
+    assert len(groups[0]["params"]) == 2  # t2s and query weights (no bias; s2t is fixed)
     torch.manual_seed(123)  # the global RNG does not matter: every rank starts the same
     for (n, p), (_, r) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(p, r), n
@@ -228,7 +340,8 @@ def test_dskd_param_groups_and_identical_init():
 
 
 def test_dskd_state_dict_round_trip(tmp_path):
-    algo, batch, hidden, weight = dskd("eta", dtype=torch.float32, seed=1)
+    algo, batch, hidden, weight, *_ = dskd("eta", dtype=torch.float32, seed=1)
+    assert {"t2s.weight", "s2t_map", "ready"} <= set(algo.state_dict())
     opt = torch.optim.AdamW(algo.param_groups())
     for _ in range(3):
         opt.zero_grad()

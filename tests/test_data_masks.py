@@ -1,4 +1,5 @@
-"""Loss masks on the real SmolLM2 tokenizer (ChatML): exactly the assistant tokens + <|im_end|>."""
+"""Loss masks on the real SmolLM2 tokenizer (ChatML): exactly the assistant tokens + <|im_end|>
+of the last assistant turn (KDFlow's target), or of every one with all_assistant_turns."""
 
 from __future__ import annotations
 
@@ -48,28 +49,63 @@ def test_default_system_prompt_is_rendered_and_not_a_target(tok):
     assert tok.decode(enc.input_ids[last + 1:]) == "\n"
 
 
-@pytest.mark.parametrize("system", [None, "You answer in one word."])
-def test_multi_turn_masks_every_assistant_turn(tok, system):
-    answers = ["Hello! How can I help?", "Paris.", "Roughly 2.1 million people\nlive there."]
-    msgs = chat("Hi", answers[0], "Capital of France?", answers[1], "Population?", answers[2],
+def kdflow_response(tok, msgs) -> str:
+    """KDFlow's target text (kdflow/datasets/sft_dataset.py): the render of the whole
+    conversation after the prompt ``msgs[:-1]`` + generation prompt, right-stripped, with
+    ``" " + eos`` appended when it does not end with the eos token."""
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    response = full[len(prompt):].removeprefix("<think>\n\n</think>\n\n").rstrip()
+    return response if response.endswith(tok.eos_token) else response + " " + tok.eos_token
+
+
+ANSWERS = ["Hello! How can I help?", "Paris.", "Roughly 2.1 million people\nlive there."]
+
+
+def multi_turn(system=None):
+    return chat("Hi", ANSWERS[0], "Capital of France?", ANSWERS[1], "Population?", ANSWERS[2],
                 system=system)
+
+
+@pytest.mark.parametrize("system", [None, "You answer in one word."])
+def test_multi_turn_masks_the_last_assistant_turn_as_kdflow(tok, system):
+    msgs = multi_turn(system)
     enc = ChatEncoder(tok).encode(Conversation(messages=msgs))
-    assert targets(tok, enc) == [a + "<|im_end|>" for a in answers]
-    assert len(enc.input_ids) == len(enc.loss_mask)
+    assert targets(tok, enc) == [ANSWERS[-1] + "<|im_end|>"] == [kdflow_response(tok, msgs)]
     # the tokens equal what apply_chat_template itself produces
     reference = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
     assert enc.input_ids == list(reference)
+    # the prompt is everything before the last reply, ending with the assistant header
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(enc.input_ids[:enc.prompt_len]) == prompt
+
+
+@pytest.mark.parametrize("system", [None, "You answer in one word."])
+def test_all_assistant_turns_flag_masks_every_assistant_turn(tok, system):
+    msgs = multi_turn(system)
+    enc = ChatEncoder(tok, all_assistant_turns=True).encode(Conversation(messages=msgs))
+    assert targets(tok, enc) == [a + "<|im_end|>" for a in ANSWERS]
+    assert len(enc.input_ids) == len(enc.loss_mask)
     # nothing of the headers is a target
     masked = [i for i, m in zip(enc.input_ids, enc.loss_mask, strict=True) if m]
     assert tok.convert_tokens_to_ids("<|im_start|>") not in masked
-    assert masked.count(tok.convert_tokens_to_ids("<|im_end|>")) == len(answers)
+    assert masked.count(tok.convert_tokens_to_ids("<|im_end|>")) == len(ANSWERS)
+    without = ChatEncoder(tok, apply_chat_template=False, all_assistant_turns=True).encode(
+        Conversation(messages=msgs))
+    assert targets(tok, without) == [a + "<|im_end|>" for a in ANSWERS]
+    last_only = ChatEncoder(tok, apply_chat_template=False).encode(Conversation(messages=msgs))
+    assert targets(tok, last_only) == [ANSWERS[-1] + "<|im_end|>"]
 
 
 def test_response_that_repeats_the_prompt_is_found_at_the_right_place(tok):
     # the assistant text also occurs in the user turn; the mask must cover the reply only
     msgs = chat("Say exactly: yes", "yes", "Again: yes", "yes")
-    enc = ChatEncoder(tok).encode(Conversation(messages=msgs))
+    enc = ChatEncoder(tok, all_assistant_turns=True).encode(Conversation(messages=msgs))
     assert targets(tok, enc) == ["yes<|im_end|>", "yes<|im_end|>"]
+    last = ChatEncoder(tok).encode(Conversation(messages=msgs))
+    assert targets(tok, last) == ["yes<|im_end|>"]
+    assert last.loss_mask[-3:] == [1, 1, 0] and tok.decode(last.input_ids[-3:]) == \
+        "yes<|im_end|>\n"
 
 
 def test_offsets_and_segment_paths_agree(tok):
@@ -147,4 +183,4 @@ def test_tokenizer_without_template_falls_back_to_concatenation(tok):
     assert not enc.use_template
     out = enc.encode(Conversation(messages=chat("Hi", "Yo", "Bye", "Ciao")))
     assert tok.decode(out.input_ids) == "Hi\nYo<|im_end|>Bye\nCiao<|im_end|>"
-    assert targets(tok, out) == ["Yo<|im_end|>", "Ciao<|im_end|>"]
+    assert targets(tok, out) == ["Ciao<|im_end|>"]

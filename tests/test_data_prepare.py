@@ -212,6 +212,31 @@ def test_rerun_is_a_noop_until_something_changes(tmp_path, smollm2_dir):
     assert prepare(cfg)["splits"]["train"]["rows"] == 20
 
 
+def test_train_all_assistant_turns_changes_targets_and_fingerprint(tmp_path, smollm2_dir, tok):
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"},
+                           {"role": "assistant", "content": f"hello {i}"},
+                           {"role": "user", "content": "and?"},
+                           {"role": "assistant", "content": f"bye {i}"}]} for i in range(10)]
+    data = write_jsonl(tmp_path / "chats.jsonl", chats)
+    cfg = make_cfg(tmp_path, smollm2_dir, data, input_key="messages", output_key=None,
+                   label_key=None, eval_ratio=0.0)
+    assert cfg.data.train_all_assistant_turns is False  # KDFlow: the last turn only
+    last = prepare(cfg)
+    table = load_split(cfg.prepared_path, "train").to_pylist()
+
+    def target_text(row):
+        return tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"], strict=True)
+                           if m])
+
+    assert {target_text(r) for r in table} == {f"bye {i}<|im_end|>" for i in range(10)}
+    cfg.data.train_all_assistant_turns = True
+    every = prepare(cfg)
+    assert every["fingerprint"] != last["fingerprint"]
+    table = load_split(cfg.prepared_path, "train").to_pylist()
+    assert {target_text(r) for r in table} == {f"hello {i}<|im_end|>bye {i}<|im_end|>"
+                                               for i in range(10)}
+
+
 def test_empty_result_is_a_data_error(tmp_path, smollm2_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "", "label": "1"}] * 3)
     with pytest.raises(DataError, match="no train rows"):

@@ -1,7 +1,10 @@
 """Every registered KD loss against an independent float64 reference (values and gradients).
 
-The references below work from probabilities (softmax written out), not from log-softmax,
-and loop where the definition is easiest to read as a loop (AKL's head, HRL's top-k).
+The references below are KDFlow's formulas (kdflow/loss/*.py), at NON-symmetric
+hyper-parameters (jsd_beta 0.3, skew_lambda 0.3, adaptive_alpha 0.3, hrl_topk 4 instead of
+KDFlow's hard-wired 5), so a loss that swaps the roles of teacher and student, or of a
+hyper-parameter and its complement, fails. They work from probabilities (softmax written
+out), not from log-softmax, and loop where the definition is easiest to read as a loop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from kubedistill.losses import LOSSES
 
-HP = {"jsd_beta": 0.3, "skew_lambda": 0.2, "adaptive_alpha": 0.6, "hrl_topk": 4}
+HP = {"jsd_beta": 0.3, "skew_lambda": 0.3, "adaptive_alpha": 0.3, "hrl_topk": 4}
 DIVERGENCES = ["kl", "rkl", "jsd", "skl", "srkl", "akl", "tvd", "hrl"]
 
 
@@ -39,9 +42,11 @@ def ref_rkl(p, q, hp):
 
 
 def ref_jsd(p, q, hp):
+    """KDFlow: log M = logaddexp(log q + log beta, log p + log(1 - beta));
+    beta * KL(q || M) + (1 - beta) * KL(p || M)."""
     beta = hp["jsd_beta"]
-    m = beta * p + (1 - beta) * q
-    return beta * kl64(p, m) + (1 - beta) * kl64(q, m)
+    m = beta * q + (1 - beta) * p
+    return beta * kl64(q, m) + (1 - beta) * kl64(p, m)
 
 
 def ref_skl(p, q, hp):
@@ -59,40 +64,45 @@ def ref_tvd(p, q, hp):
 
 
 def ref_top1_ce(p, q, hp):
-    return torch.stack([-q[i, int(p[i].argmax())].log() for i in range(p.shape[0])])
+    """KDFlow: -p_max * log q[argmax p]."""
+    return torch.stack([-p[i].max() * q[i, int(p[i].argmax())].log()
+                        for i in range(p.shape[0])])
 
 
 def ref_akl(p, q, hp):
-    mu = hp["adaptive_alpha"]
+    """KDFlow: sort p ascending; tail = cumulative teacher mass (inclusive) <= alpha."""
+    alpha = hp["adaptive_alpha"]
     out = []
     for i in range(p.shape[0]):
-        order = sorted(range(p.shape[1]), key=lambda v: -float(p[i, v]))
+        order = sorted(range(p.shape[1]), key=lambda v: float(p[i, v]))
         g_head = g_tail = 0.0
         mass = 0.0
         for v in order:
-            gap = abs(float(p[i, v].detach()) - float(q[i, v].detach()))
-            if mass < mu:
-                g_head += gap
-            else:
-                g_tail += gap
             mass += float(p[i, v].detach())
+            gap = abs(float(p[i, v].detach()) - float(q[i, v].detach()))
+            if mass <= alpha:
+                g_tail += gap
+            else:
+                g_head += gap
         w = 0.5 if g_head + g_tail == 0 else g_head / (g_head + g_tail)
         out.append(w * kl64(p[i], q[i]) + (1 - w) * kl64(q[i], p[i]))
     return torch.stack(out)
 
 
 def ref_hrl(p, q, hp):
+    """KDFlow's two ranking levels over the teacher's top-k t and the student's top-k s,
+    with its pair mask read as the teacher's preference p[t_j] > p[s_i]."""
     k = min(hp["hrl_topk"], p.shape[1])
     out = []
     for i in range(p.shape[0]):
-        top = sorted(range(p.shape[1]), key=lambda v: -float(p[i, v]))[:k]
-        big_p = torch.stack([p[i, v] for v in top] + ([1 - sum(p[i, v] for v in top)]
-                                                       if k < p.shape[1] else []))
-        big_q = torch.stack([q[i, v] for v in top] + ([1 - sum(q[i, v] for v in top)]
-                                                       if k < p.shape[1] else []))
-        loss = kl64(big_p, big_q)
-        for j in range(k - 1):
-            loss = loss + torch.relu(q[i, top[j + 1]].log() - q[i, top[j]].log()) / (k - 1)
+        t = sorted(range(p.shape[1]), key=lambda v: -float(p[i, v]))[:k]
+        s = sorted(range(p.shape[1]), key=lambda v: -float(q[i, v].detach()))[:k]
+        loss = p.new_zeros(())
+        for tj in t:
+            loss = loss + torch.relu(q[i, tj] - q[i, t[0]])
+            for si in s:
+                if p[i, tj] > p[i, si]:
+                    loss = loss + torch.relu(q[i, si] - q[i, tj])
         out.append(loss)
     return torch.stack(out)
 
@@ -194,10 +204,20 @@ def test_jsd_stays_non_negative_with_bf16_inputs():
         assert (out >= 0).all() and torch.isfinite(out).all()
 
 
-def test_jsd_end_points_are_forward_and_reverse_kl():
+def test_jsd_end_points_are_the_limits_of_kdflows_mixture():
+    """m = beta q + (1 - beta) p: beta -> 0 is reverse KL, beta -> 1 forward KL (limits of
+    JSD / beta and JSD / (1 - beta)); KDFlow itself refuses the end points."""
     s, t = logits(seed=12)
-    torch.testing.assert_close(LOSSES["jsd"](s, t, jsd_beta=0.0), LOSSES["kl"](s, t))
-    torch.testing.assert_close(LOSSES["jsd"](s, t, jsd_beta=1.0), LOSSES["rkl"](s, t))
+    torch.testing.assert_close(LOSSES["jsd"](s, t, jsd_beta=0.0), LOSSES["rkl"](s, t))
+    torch.testing.assert_close(LOSSES["jsd"](s, t, jsd_beta=1.0), LOSSES["kl"](s, t))
+    eps = 1e-9
+    torch.testing.assert_close(LOSSES["jsd"](s, t, jsd_beta=eps) / eps, LOSSES["rkl"](s, t),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(LOSSES["jsd"](s, t, jsd_beta=1 - eps) / eps,
+                               LOSSES["kl"](s, t), rtol=1e-4, atol=1e-6)
+    # beta and 1 - beta differ (the mixture is not symmetric in teacher and student)
+    assert not torch.allclose(LOSSES["jsd"](s, t, jsd_beta=0.3),
+                              LOSSES["jsd"](s, t, jsd_beta=0.7))
     # the symmetric JSD is bounded by log 2
     assert (LOSSES["jsd"](s * 10, t * 10, jsd_beta=0.5) <= math.log(2) + 1e-9).all()
 
@@ -208,24 +228,24 @@ def test_skew_zero_is_plain_kl():
     torch.testing.assert_close(LOSSES["srkl"](s, t, skew_lambda=0.0), LOSSES["rkl"](s, t))
 
 
-def test_hrl_is_zero_when_student_matches_teacher_on_top_k_only():
+def test_hrl_is_zero_when_the_student_ranks_like_the_teacher():
     s, t = logits(n=3, v=20, seed=14)
-    k = 4
-    top = t.topk(k, -1).indices
-    # same log-probs on the teacher's top-k, a different shape over the rest
-    lp_t = torch.log_softmax(t, -1)
-    rest = torch.ones_like(t, dtype=torch.bool).scatter(-1, top, False)
-    rest_mass = lp_t.masked_fill(~rest, float("-inf")).logsumexp(-1, keepdim=True)
-    noise = torch.randn_like(t).masked_fill(~rest, float("-inf"))
-    lp_rest = torch.log_softmax(noise, -1) + rest_mass
-    student = torch.where(rest, lp_rest, lp_t)
-    out = LOSSES["hrl"](student, t, hrl_topk=k)
-    assert out.abs().max() < 1e-12
-    assert LOSSES["kl"](student, t).min() > 1e-3  # a full KL would not be 0
-    # swapping the student's top-2 order costs the ranking term
+    student = 0.5 * t  # other probabilities, same order
+    assert LOSSES["hrl"](student, t, hrl_topk=4).abs().max() == 0
+    assert LOSSES["kl"](student, t).min() > 1e-3  # a KL would not be 0
+    top = t.topk(2, -1).indices  # swap the student's order of the teacher's top-2
     swapped = student.clone()
-    swapped.scatter_(-1, top[:, :2], student.gather(-1, top[:, [1, 0]]))
-    assert (LOSSES["hrl"](swapped, t, hrl_topk=k) > 0).all()
+    swapped.scatter_(-1, top, student.gather(-1, top[:, [1, 0]]))
+    assert (LOSSES["hrl"](swapped, t, hrl_topk=4) > 0).all()
+    # hrl_topk is honoured (KDFlow's hrl always uses 5)
+    assert not torch.allclose(LOSSES["hrl"](s, t, hrl_topk=2), LOSSES["hrl"](s, t, hrl_topk=5))
+
+
+def test_top1_ce_is_weighted_by_the_teachers_confidence():
+    s, t = logits(seed=16)
+    p = torch.softmax(t, -1)
+    plain = -torch.log_softmax(s, -1).gather(-1, p.argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(LOSSES["top1_ce"](s, t), p.max(-1).values * plain)
 
 
 @pytest.mark.parametrize("name", sorted(REFS))

@@ -212,6 +212,40 @@ def test_in_process_sync_keeps_the_engine_equal_to_the_student(world_of_one, bas
     assert any(not torch.equal(first[k], changed[k]) for k in first)  # it did train
 
 
+def test_resolve_self_distillation_by_equal_paths(tmp_path, caplog):
+    import logging
+
+    from kubedistill.train.self_distill import resolve_self_distillation
+
+    model = tmp_path / "m"
+    model.mkdir()
+    for student, teacher, expect in ((str(model), str(model), True),
+                                     (str(model), str(tmp_path / "m" / "."), True),
+                                     (str(model), str(tmp_path), False),
+                                     (str(model), None, False)):
+        cfg = Config()
+        cfg.model.student_name_or_path, cfg.model.teacher_name_or_path = student, teacher
+        with caplog.at_level(logging.INFO, logger="kubedistill.train.self_distill"):
+            caplog.clear()
+            assert resolve_self_distillation(cfg) is expect
+        assert cfg.kd.self_distillation is expect
+        assert ("self-distillation" in caplog.text) is expect
+    cfg = Config()
+    cfg.kd.self_distillation = True  # the explicit flag keeps working without equal paths
+    assert resolve_self_distillation(cfg) is True
+
+
+def test_teacher_path_equal_to_student_path_is_self_distillation(world_of_one, base, tmp_path):
+    from kubedistill.train.on_policy import OnPolicyTrainer
+
+    cfg = _config(tmp_path, "same", base, teacher_name_or_path=base["student_name_or_path"])
+    assert cfg.kd.self_distillation is False
+    trainer = OnPolicyTrainer(cfg, world_of_one)
+    assert trainer.self_distill and trainer.self_teacher is not None
+    _iterate(trainer, 1, lambda tr: None)
+    assert trainer.cursor.teacher_updates == 1  # teacher_update_freq 1: theta_T <- theta_S
+
+
 def test_in_process_ema_self_distillation_teacher(world_of_one, base, tmp_path):
     from kubedistill.train.fsdp import full_state_dict
     from kubedistill.train.on_policy import OnPolicyTrainer

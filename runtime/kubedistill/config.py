@@ -121,7 +121,7 @@ class KDConfig:
     use_ema_teacher: bool = False
     teacher_ema_decay: float = 0.999
     # kubedistill
-    kd_temperature_squared: bool = True  # multiply the KD term by T^2 (Hinton et al.)
+    kd_temperature_squared: bool = False  # multiply the KD term by T^2 (KDFlow: never)
     self_distillation: bool = False  # the teacher is the student itself (on-policy)
 
 
@@ -181,6 +181,7 @@ class DataConfig:
     length_policy: str = "filter"  # filter | truncate
     eval_ratio: float = 0.05  # held-out share when no eval_dataset_path is given
     eval_max_samples: int = 200
+    train_all_assistant_turns: bool = False  # False: the last assistant turn only (KDFlow)
 
 
 @dataclass

@@ -82,6 +82,11 @@ class Algorithm(nn.Module):
         self.register_state_dict_post_hook(_drop_teacher_head)
         self.register_load_state_dict_post_hook(_ignore_missing_teacher_head)
 
+    def init_from_student(self, student_head: torch.Tensor | None) -> None:
+        """Called once by the trainer, before sharding, with the student's lm_head weight
+        [V_s, d_s] as training starts (``None`` on ranks that do not hold it; rank 0's
+        parameters and buffers are then broadcast). Default: nothing to do."""
+
     def param_groups(self) -> list[dict]:
         """Extra optimizer parameter groups (e.g. projectors with their own lr)."""
         return []

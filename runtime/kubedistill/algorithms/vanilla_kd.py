@@ -10,8 +10,8 @@ from kubedistill.losses import fused_kd_loss, get_loss, loss_hparams
 
 
 def kd_scale(kd_config) -> float:
-    """T^2 when ``kd_temperature_squared`` (Hinton et al.: keeps KD gradients at the scale of
-    CE's as T grows), else 1."""
+    """T^2 when ``kd_temperature_squared`` (default off, as KDFlow; Hinton et al.: keeps KD
+    gradients at the scale of CE's as T grows), else 1."""
     t = float(kd_config.kd_temperature)
     return t * t if kd_config.kd_temperature_squared else 1.0
 

@@ -47,7 +47,8 @@ class SampleBuilder:
     def __init__(self, cfg: Config, pair: TokenizerPair):
         self.data = cfg.data
         options = {"apply_chat_template": cfg.data.apply_chat_template,
-                   "enable_thinking": cfg.model.enable_thinking}
+                   "enable_thinking": cfg.model.enable_thinking,
+                   "all_assistant_turns": cfg.data.train_all_assistant_turns}
         self.student = ChatEncoder(pair.student, **options)
         self.teacher: ChatEncoder | None = None
         self.teacher_reason: str | None = None

@@ -1,11 +1,18 @@
 """Chat templates and loss masks: a conversation -> (input_ids, loss_mask, prompt_len).
 
-Targets (``loss_mask == 1``) are exactly the tokens of every assistant turn's content plus
+Targets (``loss_mask == 1``) are exactly the tokens of the LAST assistant turn's content plus
 the end-of-turn token the template puts right after it (ChatML: ``<|im_end|>``; Llama 3:
 ``<|eot_id|>``; Gemma: ``<end_of_turn>``) -- the first special token that follows the
-content, if any. Not targets: system/user turns, the assistant header
-(``<|im_start|>assistant\\n``), any text the template inserts before the content (e.g. an
-empty ``<think></think>`` block), and the newline after the end-of-turn token.
+content, if any. This is KDFlow's target: the rendered text after the prompt
+``messages[:-1]`` + generation prompt, right-stripped (so the end-of-turn token is in, the
+newline after it is not), without an empty ``<think>`` block. With ``all_assistant_turns``
+(config ``train_all_assistant_turns``, kubedistill's) every assistant turn is a target the
+same way. Not targets: system/user turns, earlier assistant turns (by default), the
+assistant header (``<|im_start|>assistant\\n``), any text the template inserts before the
+content (e.g. an empty ``<think></think>`` block), and the newline after the end-of-turn
+token. KDFlow also appends ``" " + eos`` to a response that does not end with the eos token
+(a template whose end-of-turn token is not the eos); that trains a space and an eos the
+template never renders, and is not reproduced: the end-of-turn token ends the target.
 
 How: the whole conversation is rendered once to text. Each assistant content is located in
 that text at or after the end of the rendered *prefix* ``messages[:i]`` with
@@ -17,7 +24,8 @@ spans and the text between them separately and concatenate.
 
 Without a chat template (``apply_chat_template: false`` or a tokenizer that has none) turns
 are concatenated: ``[bos] content "\\n" ... assistant_content eos ...`` -- each non-assistant
-turn is followed by a newline, each assistant turn by the eos token (a target). Plain text
+turn is followed by a newline, each assistant turn by the eos token (a target: the last
+turn's, or every turn's with ``all_assistant_turns``). Plain text
 (language modelling) is ``[bos] text eos`` with every token but the first a target.
 
 Always ``loss_mask[0] == 0`` and ``prompt_len`` is the index of the first target.
@@ -64,8 +72,9 @@ class ChatEncoder:
     """Encodes conversations for one tokenizer (see the module docstring)."""
 
     def __init__(self, tokenizer: Any, *, apply_chat_template: bool = True,
-                 enable_thinking: bool = False):
+                 enable_thinking: bool = False, all_assistant_turns: bool = False):
         self.tok = tokenizer
+        self.all_assistant_turns = all_assistant_turns
         template = getattr(tokenizer, "chat_template", None)
         self.use_template = bool(apply_chat_template and template)
         self.template_kwargs: dict[str, Any] = {}
@@ -122,7 +131,11 @@ class ChatEncoder:
             end += self._end_of_turn(full, end)
             spans.append((start, end))
             pos = end
-        return full, spans
+        return full, self._targets(spans)
+
+    def _targets(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Every assistant span, or the last one only (the default, KDFlow's)."""
+        return spans if self.all_assistant_turns else spans[-1:]
 
     def plain_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
         """Concatenation without a template (see the module docstring)."""
@@ -137,7 +150,7 @@ class ChatEncoder:
                 text += piece
             else:
                 text += message["content"] + "\n"
-        return text, spans
+        return text, self._targets(spans)
 
     # ---- tokenizing ---------------------------------------------------------------------
     def encode(self, conv: Conversation, messages: list[dict[str, str]] | None = None,

@@ -6,7 +6,8 @@ With q = softmax(s / T) and a per-token loss J(q), the chain rule through the so
 
     KL(p || q):    dJ/ds = (q - p) / T
     KL(q || p):    dJ/ds = q * ((log q - log p) - KL(q || p)) / T
-    JSD_beta:      u = (1 - beta) log(q / m)  =>  dJ/ds = (1 - beta)/T * q * (log(q/m) - KL(q || m))
+    JSD_beta:      m = beta q + (1 - beta) p,  u = beta log(q / m)
+                   =>  dJ/ds = beta/T * q * (log(q/m) - KL(q || m))
     CE(s, y):      dCE/ds = softmax(s) - onehot(y)                       (T = 1)
 
 Each ``*_value_and_grad(s, t, temperature, **hparams)`` returns (per-token loss [n],
@@ -49,11 +50,11 @@ def rkl_value_and_grad(s, t, temperature=1.0, **hparams):
 def jsd_value_and_grad(s, t, temperature=1.0, jsd_beta=0.5, **hparams):
     beta = float(jsd_beta)
     if beta <= 0.0:
-        return kl_value_and_grad(s, t, temperature)
-    if beta >= 1.0:
         return rkl_value_and_grad(s, t, temperature)
+    if beta >= 1.0:
+        return kl_value_and_grad(s, t, temperature)
     b, a = D._log_probs(s, t, temperature)
-    m = torch.logaddexp(a + math.log(beta), b + math.log1p(-beta))
+    m = torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
     q = b.exp()
     dq = b.sub_(m)  # log q - log m
     kl_qm = (q * dq).sum(-1)
@@ -61,8 +62,8 @@ def jsd_value_and_grad(s, t, temperature=1.0, jsd_beta=0.5, **hparams):
     p = a.exp()
     kl_pm = a.sub_(m).mul_(p).sum(-1)
     del a, p, m
-    value = (beta * kl_pm + (1.0 - beta) * kl_qm).clamp_min_(0.0)
-    grad = dq.sub_(kl_qm[:, None]).mul_(q).mul_((1.0 - beta) / temperature)
+    value = (beta * kl_qm + (1.0 - beta) * kl_pm).clamp_min_(0.0)
+    grad = dq.sub_(kl_qm[:, None]).mul_(q).mul_(beta / temperature)
     return value, grad
 
 

@@ -6,8 +6,8 @@ Every loss has the signature ``fn(student_logits, teacher_logits, *, temperature
 * upcasts to float32 first (float64 stays float64) and works from log-softmax, so no ``log(0)`` is ever taken;
 * divides BOTH sides by the temperature ``T``:  ``p_T = softmax(t / T)``, ``p_S = softmax(s / T)``
   (written ``p`` and ``q`` below, with log-probabilities ``a = log p``, ``b = log q``);
-* does NOT multiply by ``T^2``: the algorithm applies that factor (config
-  ``kd_temperature_squared``, default True) so that a loss stays a plain divergence;
+* does NOT multiply by ``T^2``: the algorithm applies that factor only when asked (config
+  ``kd_temperature_squared``, default False, as KDFlow, which never applies it);
 * ignores hyper-parameters it does not use (all of ``jsd_beta``, ``skew_lambda``,
   ``adaptive_alpha``, ``hrl_topk`` are passed to every loss);
 * returns divergences clamped at 0 (rounding of nearly equal bf16 inputs can otherwise give
@@ -15,6 +15,11 @@ Every loss has the signature ``fn(student_logits, teacher_logits, *, temperature
 
 Gradients flow into whichever input requires them; KD callers hand in a teacher without grad.
 Teacher logits of ``-inf`` (a masked vocabulary entry) are allowed: ``0 * log 0 = 0``.
+Any ``[N, K]`` pair of logits (or log-probabilities: the log-softmax is idempotent) works,
+e.g. the teacher's top-K entries.
+
+Each name means what it means in KDFlow (same formula and hyper-parameter meaning), with
+KDFlow's bugs fixed; the docstrings say where.
 """
 
 from __future__ import annotations
@@ -85,24 +90,25 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, **hparams):
 @register_loss("jsd")
 def generalized_jsd(student_logits, teacher_logits, *, temperature=1.0, jsd_beta=0.5,
                     **hparams):
-    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024), beta = ``jsd_beta``:
+    """Generalised Jensen-Shannon divergence (GKD, Agarwal et al. 2024) as KDFlow defines
+    it, beta = ``jsd_beta``:
 
-        m = beta * p + (1 - beta) * q
-        JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)
+        m = beta * q + (1 - beta) * p
+        JSD_beta = beta * KL(q || m) + (1 - beta) * KL(p || m)
 
-    beta = 0.5 is the symmetric JSD (bounded by log 2). At the end points JSD_beta vanishes,
-    so, as in GKD/TRL/Liger, beta = 0 gives the limit of JSD_beta / beta, KL(p || q), and
-    beta = 1 the limit of JSD_beta / (1 - beta), KL(q || p). (KDFlow's ``jsd`` weights the
-    mixture the other way round, m = beta q + (1 - beta) p; both agree at the default 0.5.)
+    beta = 0.5 is the symmetric JSD (bounded by log 2). KDFlow refuses beta outside (0, 1),
+    where JSD_beta vanishes; here the end points are the limits: beta = 0 gives
+    lim JSD_beta / beta = KL(q || p) (reverse KL), beta = 1 gives
+    lim JSD_beta / (1 - beta) = KL(p || q) (forward KL).
     """
     beta = float(jsd_beta)
     b, a = _log_probs(student_logits, teacher_logits, temperature)
     if beta <= 0.0:
-        return _kl(a, b).clamp_min(0.0)
-    if beta >= 1.0:
         return _kl(b, a).clamp_min(0.0)
-    m = _mix(a, b, beta)
-    return (beta * _kl(a, m) + (1.0 - beta) * _kl(b, m)).clamp_min(0.0)
+    if beta >= 1.0:
+        return _kl(a, b).clamp_min(0.0)
+    m = _mix(b, a, beta)
+    return (beta * _kl(b, m) + (1.0 - beta) * _kl(a, m)).clamp_min(0.0)
 
 
 @register_loss("skl")
@@ -111,6 +117,8 @@ def skewed_kl(student_logits, teacher_logits, *, temperature=1.0, skew_lambda=0.
     """Skewed forward KL (DistiLLM, Ko et al. 2024), lambda = ``skew_lambda`` in [0, 1]:
 
         SKL_lambda = KL(p || lambda p + (1 - lambda) q)        (lambda = 0: forward KL)
+
+    As KDFlow's ``skl``; KDFlow refuses lambda outside (0, 1), here 0 and 1 are allowed.
     """
     b, a = _log_probs(student_logits, teacher_logits, temperature)
     return _kl(a, _mix(a, b, float(skew_lambda))).clamp_min(0.0)
@@ -122,6 +130,8 @@ def skewed_reverse_kl(student_logits, teacher_logits, *, temperature=1.0, skew_l
     """Skewed reverse KL (DistiLLM), lambda = ``skew_lambda`` in [0, 1]:
 
         SRKL_lambda = KL(q || lambda q + (1 - lambda) p)       (lambda = 0: reverse KL)
+
+    As KDFlow's ``srkl``; KDFlow refuses lambda outside (0, 1), here 0 and 1 are allowed.
     """
     b, a = _log_probs(student_logits, teacher_logits, temperature)
     return _kl(b, _mix(b, a, float(skew_lambda))).clamp_min(0.0)
@@ -130,27 +140,29 @@ def skewed_reverse_kl(student_logits, teacher_logits, *, temperature=1.0, skew_l
 @register_loss("akl")
 def adaptive_kl(student_logits, teacher_logits, *, temperature=1.0, adaptive_alpha=0.5,
                 **hparams):
-    """Adaptive KL (Wu et al. 2024, "Rethinking KL divergence in KD for LLMs"), mu = ``adaptive_alpha``.
+    """Adaptive KL (Wu et al. 2024, "Rethinking KL divergence in KD for LLMs") as KDFlow
+    defines it, alpha = ``adaptive_alpha``.
 
-    Sort the vocabulary by teacher probability, descending: p_(1) >= p_(2) >= ... . Token (j)
-    is in the HEAD H iff the teacher mass strictly before it is below mu,
-    sum_{i<j} p_(i) < mu (so the top token is always in H for mu > 0); the rest is the TAIL.
-    With the gaps g_H = sum_{v in H} |p_v - q_v| and g_T = sum_{v not in H} |p_v - q_v|
-    (constants: no gradient flows through them, nor through H),
+    Sort the vocabulary by teacher probability, ASCENDING: p_(1) <= p_(2) <= ... . Token (j)
+    is in the TAIL T iff the cumulative teacher mass up to and including it is at most alpha,
+    sum_{i<=j} p_(i) <= alpha (the least likely tokens, holding at most alpha of the mass);
+    the rest is the HEAD H. (The paper's head threshold mu is 1 - alpha; both are 0.5 by
+    default.) With the gaps g_H = sum_{v in H} |p_v - q_v| and g_T = sum_{v in T} |p_v - q_v|
+    (constants: no gradient flows through them, nor through T),
 
         AKL = g_H / (g_H + g_T) * KL(p || q) + g_T / (g_H + g_T) * KL(q || p)
 
-    and both weights are 1/2 when g_H + g_T = 0 (identical distributions: AKL = 0, no NaN).
+    Both weights are 1/2 when g_H + g_T = 0 (identical distributions: AKL = 0), where
+    KDFlow's division gives NaN.
     """
     b, a = _log_probs(student_logits, teacher_logits, temperature)
     with torch.no_grad():
         p, q = a.exp(), b.exp()
-        p_sorted, order = p.sort(dim=-1, descending=True)
-        mass_before = p_sorted.cumsum(-1) - p_sorted
-        head = mass_before < float(adaptive_alpha)
+        p_sorted, order = p.sort(dim=-1)
+        tail = p_sorted.cumsum(-1) <= float(adaptive_alpha)
         gap = (p_sorted - q.gather(-1, order)).abs()
-        g_head = (gap * head).sum(-1)
-        g_tail = (gap * ~head).sum(-1)
+        g_tail = (gap * tail).sum(-1)
+        g_head = (gap * ~tail).sum(-1)
         total = g_head + g_tail
         w_head = torch.where(total > 0, g_head / total.clamp_min(1e-30),
                              torch.full_like(total, 0.5))
@@ -166,44 +178,40 @@ def total_variation(student_logits, teacher_logits, *, temperature=1.0, **hparam
 
 @register_loss("top1_ce")
 def top1_cross_entropy(student_logits, teacher_logits, *, temperature=1.0, **hparams):
-    """Cross-entropy against the teacher's top-1 token:  -log q_{argmax_v p_v}.
-
-    (KDFlow's ``top1_ce`` additionally multiplies by p_max; this one is the plain CE.)
-    """
+    """KDFlow's ``top1_ce``: cross-entropy against the teacher's top-1 token, weighted by
+    the teacher's confidence in it,  -p_max * log q_{argmax_v p_v}  with p_max = max_v p_v."""
     b, a = _log_probs(student_logits, teacher_logits, temperature)
-    return -b.gather(-1, a.argmax(-1, keepdim=True)).squeeze(-1)
+    top_a, top = a.max(-1, keepdim=True)
+    return -(top_a.exp() * b.gather(-1, top)).squeeze(-1)
 
 
 @register_loss("hrl")
 def hierarchical_ranking(student_logits, teacher_logits, *, temperature=1.0, hrl_topk=5,
                          **hparams):
-    """Hierarchical ranking loss over the teacher's top-k, k = ``hrl_topk`` (kubedistill's).
+    """KDFlow's hierarchical ranking loss over top-k sets, k = ``hrl_topk`` (capped at V).
 
-    Let K = (k_1, ..., k_k) be the teacher's k most likely tokens in descending order
-    (k capped at V) and R the rest of the vocabulary. Collapse both distributions onto the
-    k + 1 outcomes (k_1, ..., k_k, R):  P = (p_{k_1}, ..., p_{k_k}, p(R)), Q likewise from q.
+    With t_1..t_k the teacher's k most likely tokens (by p, descending) and s_1..s_k the
+    student's (by q), in probabilities at temperature T:
 
-        HRL = KL(P || Q) + 1/(k - 1) * sum_{j=1}^{k-1} max(0, log q_{k_{j+1}} - log q_{k_j})
+        HRL = sum_{j=1}^{k} max(0, q_{t_j} - q_{t_1})
+            + sum_{j=1}^{k} sum_{i=1}^{k} [p_{t_j} > p_{s_i}] * max(0, q_{s_i} - q_{t_j})
 
-    By the chain rule KL(P || Q) is the two-level loss "mass on the top-k vs the rest"
-    (a binary KL) + p(K) * KL(p(.|K) || q(.|K)) (the shape inside the top-k). The hinge
-    term is the ranking level: it is 0 iff the student orders K as the teacher does. All
-    terms use log-probabilities at temperature T. HRL = 0 when log q = log p on K (which
-    fixes q(R) = p(R) too); the hinge is differentiable almost everywhere. k = 1 has no
-    ranking term; k >= V has no rest outcome (then HRL = KL(p || q)).
+    The first level keeps the teacher's top-1 on top of its top-k in the student; the second
+    penalises each student top-k token that the student ranks above a teacher top-k token
+    the teacher prefers. HRL >= 0, and it is 0 when q ranks the tokens as p does.
+    Bugs of KDFlow's version that are not reproduced: it never receives ``hrl_topk`` (the
+    argument is named ``hr_topk`` there, so k is always 5), it ignores the temperature, and
+    its pair mask compares q_{s_j} with p_{s_i} where the teacher's preference
+    p_{t_j} > p_{s_i} is meant (its ``tea_topk_probs`` is computed and never used).
     """
     b, a = _log_probs(student_logits, teacher_logits, temperature)
-    k = max(1, min(int(hrl_topk), a.shape[-1]))
-    top_a, idx = a.topk(k, dim=-1)
-    top_b = b.gather(-1, idx)
-    if k < a.shape[-1]:
-        rest_a = a.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
-        rest_b = b.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
-        top_a = torch.cat([top_a, rest_a], dim=-1)
-        top_b_all = torch.cat([top_b, rest_b], dim=-1)
-    else:
-        top_b_all = top_b
-    loss = _kl(top_a, top_b_all).clamp_min(0.0)
-    if k > 1:
-        loss = loss + F.relu(top_b[..., 1:] - top_b[..., :-1]).sum(-1) / (k - 1)
-    return loss
+    p, q = a.exp(), b.exp()
+    k = max(1, min(int(hrl_topk), p.shape[-1]))
+    p_t, t_ids = p.topk(k, dim=-1)
+    q_s, s_ids = q.topk(k, dim=-1)
+    q_t = q.gather(-1, t_ids)
+    p_s = p.gather(-1, s_ids)
+    top = F.relu(q_t - q_t[..., :1]).sum(-1)
+    prefers = (p_t.unsqueeze(-1) > p_s.unsqueeze(-2)).to(q.dtype)  # [.., j, i]
+    pairs = (F.relu(q_s.unsqueeze(-2) - q_t.unsqueeze(-1)) * prefers).sum((-1, -2))
+    return top + pairs

@@ -45,6 +45,7 @@ class PreparedSplit:
     offsets: np.ndarray  # [N + 1] int64
     # cross-tokenizer: per sample [M, 2] (student_pos, teacher_pos) pairs (``ct_align``)
     ct_align: list[np.ndarray] | None = None
+    teacher_tokens: list[np.ndarray] | None = None  # cross-tokenizer: the teacher's tokens
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -79,11 +80,14 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
         table = load_split(prepared_path, split, columns=columns)
     if table is None or table.num_rows == 0:
         return None
-    ct_align = None
+    ct_align = teacher_tokens = None
     if "ct_align" in table.column_names and table.column("ct_align").null_count < table.num_rows:
         from kubedistill.crosstok.align import unflatten_pairs
 
         ct_align = [unflatten_pairs(x) for x in table.column("ct_align").to_pylist()]
+        teacher_tokens = [np.asarray(x if x is not None else [], dtype=np.int64) for x in
+                          load_split(prepared_path, split, columns=["teacher_input_ids"])
+                          .column("teacher_input_ids").to_pylist()]
     ids = [str(x) for x in table.column("id").to_pylist()]
     if len(set(ids)) != len(ids):
         raise DataError(f"{prepared_path}/{split}: sample ids are not unique")
@@ -95,7 +99,7 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
     base = offsets[0]
     return PreparedSplit(ids, tokens.values.to_numpy()[base:offsets[-1]].astype(np.int64),
                          mask.values.to_numpy()[base:offsets[-1]].astype(np.int8),
-                         offsets - base, ct_align)
+                         offsets - base, ct_align, teacher_tokens)
 
 
 # ---- planning --------------------------------------------------------------------------
@@ -187,7 +191,9 @@ class BatchBuilder:
     target positions, joined through the alignment instead: ``teacher_hidden`` holds every
     cached row, and ``extras`` get ``ct_student_index`` / ``ct_teacher_index`` [M] (aligned
     rows of ``loss_index`` and of ``teacher_hidden``), ``ct_student_sample`` [N] and
-    ``ct_teacher_sample`` [N_t] (the sample of each row, 0..B-1).
+    ``ct_teacher_sample`` [N_t] (the sample of each row, 0..B-1) and, when the split has the
+    teacher's tokens, ``ct_teacher_input_ids`` / ``ct_teacher_target_ids`` [N_t] (the teacher
+    token at each teacher row's position and the next one, its target).
     """
 
     def __init__(self, split: PreparedSplit, *, pad_id: int, packing: bool, teacher=None):
@@ -230,7 +236,7 @@ class BatchBuilder:
 
     def _join_aligned(self, batch: MicroBatch, indices: list[int],
                       positions: list[np.ndarray]) -> None:
-        hidden, s_index, t_index, s_sample, t_sample = [], [], [], [], []
+        hidden, s_index, t_index, s_sample, t_sample, t_in = [], [], [], [], [], []
         s_base = t_base = 0
         for b, (sid, i, pos) in enumerate(zip(batch.sample_ids, indices, positions,
                                               strict=True)):
@@ -252,6 +258,8 @@ class BatchBuilder:
             t_index.append(torch.from_numpy(t_row + t_base))
             s_sample.append(torch.full((len(pos),), b, dtype=torch.long))
             t_sample.append(torch.full((len(t_pos),), b, dtype=torch.long))
+            if self.split.teacher_tokens is not None:
+                t_in.append(_token_pairs(self.split.teacher_tokens[i], t_pos, sid))
             s_base += len(pos)
             t_base += len(t_pos)
         batch.teacher_hidden = torch.cat(hidden)
@@ -259,6 +267,10 @@ class BatchBuilder:
                             ct_teacher_index=torch.cat(t_index).long(),
                             ct_student_sample=torch.cat(s_sample),
                             ct_teacher_sample=torch.cat(t_sample))
+        if t_in:
+            pairs = torch.cat(t_in)
+            batch.extras.update(ct_teacher_input_ids=pairs[:, 0].contiguous(),
+                                ct_teacher_target_ids=pairs[:, 1].contiguous())
 
     def _join_teacher(self, batch: MicroBatch, positions: list[np.ndarray]) -> None:
         hidden, topk_lp, topk_ids = [], [], []
@@ -281,3 +293,13 @@ class BatchBuilder:
         if topk_lp and len(topk_lp) == len(hidden):
             batch.teacher_topk_logprobs = torch.cat(topk_lp)
             batch.teacher_topk_ids = torch.cat(topk_ids)
+
+
+def _token_pairs(tokens: np.ndarray, positions: np.ndarray, sid: str) -> torch.Tensor:
+    """[n, 2] (token at p, token at p + 1) for teacher positions p."""
+    if len(positions) and positions.max() + 1 >= len(tokens):
+        raise ArtifactMismatch(f"teacher cache sample {sid!r}: a teacher position is past the "
+                               "prepared teacher tokens (stale cache?)")
+    t = torch.from_numpy(tokens)
+    p = torch.from_numpy(positions)
+    return torch.stack([t[p], t[p + 1]], dim=1).long()

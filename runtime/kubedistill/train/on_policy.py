@@ -20,7 +20,8 @@ Read :meth:`OnPolicyTrainer.fit`: it is the table of contents. One ITERATION:
 4. sync: the full student state is gathered from FSDP2 and pushed to the rollout engine in
    buckets (:mod:`kubedistill.rollout.sync`); with self-distillation the teacher is updated.
 
-Self-distillation (``kd.self_distillation: true``, chosen explicitly): the teacher is a copy
+Self-distillation (``kd.self_distillation: true``, or as in KDFlow a ``teacher_name_or_path``
+equal to ``student_name_or_path``): the teacher is a copy
 of the student's own weights (rank 0) that sees the TEACHER prompt (prepared
 ``teacher_input_ids[:teacher_prompt_len]``, e.g. from ``teacher_input_key``) + the same
 response. It is replaced by the student every ``teacher_update_freq`` iterations, or with
@@ -78,7 +79,7 @@ from kubedistill.train.on_policy_data import (
     rollout_teacher,
     teacher_requests,
 )
-from kubedistill.train.self_distill import SelfDistillTeacher
+from kubedistill.train.self_distill import SelfDistillTeacher, resolve_self_distillation
 from kubedistill.train.student import resolve_student
 from kubedistill.train.trainer import Trainer, _progress, _seed_everything
 
@@ -146,6 +147,7 @@ class OnPolicyTrainer(Trainer):
             raise ConfigError("on-policy training with LoRA is not supported yet (the rollout "
                               "engine needs merged weights); set lora_rank 0")
         check_config(cfg)
+        self.self_distill = resolve_self_distillation(cfg)
         self.tracker = tracker or NullTracker()
         _seed_everything(t.seed, t.full_determinism)
         self.local_dir = storage.local_dir_for(cfg.storage.work_dir)
@@ -155,7 +157,6 @@ class OnPolicyTrainer(Trainer):
                                     cfg.data.prompt_max_len, self.vocab_map is not None)
         self.train_split = self.eval_split = self.eval_batches = None
         self.train_batches: data.BatchBuilder | None = None
-        self.self_distill = bool(cfg.kd.self_distillation)
         if not self.self_distill and not cfg.model.teacher_name_or_path:
             raise ConfigError("on-policy KD needs teacher_name_or_path (or "
                               "kd.self_distillation: true)")

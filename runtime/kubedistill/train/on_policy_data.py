@@ -153,12 +153,13 @@ def rollout_split(sample_ids: list[str], samples: list[Sample],
         tokens += t
         masks += m
         offsets.append(offsets[-1] + len(t))
-    pairs = None
+    pairs = teacher_tokens = None
     if requests is not None and any(r.pairs is not None for r in requests):
         pairs = [r.pairs for r in requests]
+        teacher_tokens = [np.asarray(r.tokens, dtype=np.int64) for r in requests]
     return PreparedSplit(list(sample_ids), np.asarray(tokens, dtype=np.int64),
                          np.asarray(masks, dtype=np.int8), np.asarray(offsets, dtype=np.int64),
-                         pairs)
+                         pairs, teacher_tokens)
 
 
 def rollout_teacher(sample_ids: list[str], requests: list[TeacherRequest],

@@ -1,5 +1,9 @@
 """The on-policy self-distillation teacher theta_T: its updates, engine, head and checkpoints.
 
+Self-distillation is on with ``self_distillation: true`` or, as in KDFlow, when
+``teacher_name_or_path`` names the same model as ``student_name_or_path``
+(:func:`resolve_self_distillation`, which says so in one info line).
+
 theta_T starts as the student's weights and lives in an HF module on rank 0, which the
 teacher engine serves (an SGLang engine serves its own copy and gets theta_T pushed). After
 iteration ``k`` (1-based) it is updated from the student's full state theta_S:
@@ -16,6 +20,9 @@ when that step's checkpoint is pruned.
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +33,30 @@ from kubedistill.sglang_engine import SGLangEngine, with_flush_flags
 from kubedistill.train.fsdp import DistEnv
 
 PREFIX = "teacher_step_"
+log = logging.getLogger(__name__)
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """The same reference, or two local paths to the same directory."""
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+
+
+def resolve_self_distillation(cfg) -> bool:
+    """Turn ``kd.self_distillation`` on when the teacher path equals the student path
+    (KDFlow's switch), with one info line; returns whether self-distillation is on."""
+    m, kd = cfg.model, cfg.kd
+    if not kd.self_distillation and same_model(m.student_name_or_path,
+                                               m.teacher_name_or_path):
+        kd.self_distillation = True
+        log.info("teacher_name_or_path is the student (%s): self-distillation, as in KDFlow "
+                 "(the teacher starts as the student and follows it every "
+                 "teacher_update_freq=%d iterations%s)", m.teacher_name_or_path,
+                 kd.teacher_update_freq, ", by EMA" if kd.use_ema_teacher else "")
+    return bool(kd.self_distillation)
 
 
 class SelfDistillTeacher:

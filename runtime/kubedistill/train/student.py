@@ -141,3 +141,15 @@ def materialize(student: nn.Module, full: dict[str, torch.Tensor], env: DistEnv)
     full.clear()
     for buf in student.buffers():
         dist.broadcast(buf, src=0)
+
+
+def broadcast_state(algorithm: Algorithm, env: DistEnv) -> None:
+    """Before sharding: rank 0's algorithm parameters and buffers (not the teacher head,
+    which every rank loads itself) to every rank."""
+    if env.world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for name, tensor in [*algorithm.named_parameters(), *algorithm.named_buffers()]:
+        if not name.startswith("teacher_head."):
+            dist.broadcast(tensor.data, src=0)

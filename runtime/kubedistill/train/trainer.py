@@ -30,8 +30,15 @@ from kubedistill.train import data
 from kubedistill.train.checkpoint import Checkpointer
 from kubedistill.train.export import export_hf, write_summary
 from kubedistill.train.fsdp import DistEnv, all_reduce_sum, build_mesh, mixed_precision, shard
+from kubedistill.train.lora import base_causal_lm
 from kubedistill.train.optim import build_optimizer, build_scheduler
-from kubedistill.train.student import DistillModule, load_student, materialize, resolve_student
+from kubedistill.train.student import (
+    DistillModule,
+    broadcast_state,
+    load_student,
+    materialize,
+    resolve_student,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,9 @@ class Trainer:
         cfg, env, t = self.cfg, self.env, self.cfg.train
         student, full_state = load_student(self.student_ref, cfg, env)
         algorithm = build_algorithm(cfg, head, student.config.hidden_size)
+        head_weight = base_causal_lm(student).get_output_embeddings().weight
+        algorithm.init_from_student(None if head_weight.is_meta else head_weight.detach())
+        broadcast_state(algorithm, env)
         self.module = DistillModule(student, wrap(algorithm))
         shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
               mixed_precision(env, t.bf16), cpu_offload=cfg.fsdp.cpu_offload)
