@@ -108,6 +108,7 @@ class KDConfig:
     # kubedistill
     kd_temperature_squared: bool = True  # multiply the KD term by T^2 (Hinton et al.)
     self_distillation: bool = False  # the teacher is the student itself (on-policy)
+    kd_topk_mode: str = "tail"  # teacher_signal topk: tail bucket | renorm (losses.topk)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class CacheConfig:
     teacher_backend: str = "auto"  # auto | hf | sglang
     cache_dtype: str = "bf16"  # bf16 | fp16 | fp32 | fp8
     cache_topk: int = 0  # also store top-k teacher log-probs (0: off)
+    teacher_signal: str = "hidden"  # hidden | topk (top-k only; KD reads it) | both
+    logprobs_path: str | None = None  # import-logprobs: vLLM/SGLang/OpenAI top-k logprobs
     cache_rows_per_shard: int = 256
     cache_verify: bool = True
     teacher_batch_tokens: int = 4096  # token budget of one teacher forward (hf backend)
@@ -280,6 +283,10 @@ class Config:
         _check_choice("on_bad_row", self.data.on_bad_row, ("skip", "fail"))
         _check_choice("length_policy", self.data.length_policy, ("filter", "truncate"))
         _check_choice("cache_dtype", self.cache.cache_dtype, ("bf16", "fp16", "fp32", "fp8"))
+        _check_choice("teacher_signal", self.cache.teacher_signal, ("hidden", "topk", "both"))
+        _check_choice("kd_topk_mode", self.kd.kd_topk_mode, ("tail", "renorm"))
+        if self.cache.teacher_signal != "hidden" and self.cache.cache_topk <= 0:
+            raise ConfigError(f"teacher_signal {self.cache.teacher_signal} needs cache_topk > 0")
         _check_choice("teacher_backend", self.cache.teacher_backend, ("auto", "hf", "sglang"))
         _check_choice("rollout_backend", self.rollout.rollout_backend, ("auto", "hf", "sglang"))
         _check_choice("dskd_token_align", self.kd.dskd_token_align, ("eta", "cma"))
