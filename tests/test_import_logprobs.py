@@ -169,3 +169,38 @@ def test_import_refuses_a_hidden_signal(tiny_teacher_dir, prepared, tmp_path):
                    logprobs_path=str(tmp_path / "x.jsonl"))
     with pytest.raises(ConfigError, match="set teacher_signal topk"):
         import_logprobs(cfg)
+
+
+def test_sglang_meta_info_converts_to_the_cache_columns():
+    """The conversion the sglang engine uses for teacher_signal topk (no GPU needed)."""
+    from kubedistill.teacher.sglang import topk_from_meta_info
+
+    meta = {"input_top_logprobs": [None, [[-0.5, 7, "a"], [-2.0, 3, None], [-1.0, 9, "b"]],
+                                   [[-0.1, 1, None], [-3.0, 2, None], [-0.2, 4, None]]]}
+    lps, ids = topk_from_meta_info(meta, [0, 1], 2)
+    assert ids.tolist() == [[7, 9], [1, 4]]
+    assert lps.dtype == torch.float32 and lps.tolist() == [[-0.5, -1.0],
+                                                           [pytest.approx(-0.1), pytest.approx(-0.2)]]
+    with pytest.raises(DataError, match="token 3 .* 0 top logprobs, 2 needed"):
+        topk_from_meta_info(meta, [2], 2)
+
+
+@pytest.mark.gpu
+def test_sglang_backend_writes_the_same_top_k_as_hf(smollm2_dir, prepared, tmp_path):
+    """GPU only: cache-teacher with the sglang backend and teacher_signal topk (top-k
+    straight from SGLang) against the hf backend: same ids at >= 95% of positions, log-probs
+    within bf16 noise."""
+    pytest.importorskip("sglang")
+    caches = {}
+    for backend in ("hf", "sglang"):
+        cfg = make_cfg(smollm2_dir, prepared, str(tmp_path / backend), teacher_backend=backend,
+                       teacher_mem_fraction_static=0.3, teacher_tp_size=1)
+        cache_teacher(cfg)
+        caches[backend] = TeacherCache(str(tmp_path / backend))
+    same = total = 0
+    for sid in caches["hf"].sample_ids():
+        a, b = caches["hf"].get(sid), caches["sglang"].get(sid)
+        same += int((a.topk_ids[:, 0] == b.topk_ids[:, 0]).sum())
+        total += a.topk_ids.shape[0]
+        assert (a.topk_logprobs[:, 0] - b.topk_logprobs[:, 0]).abs().max() < 0.1
+    assert same >= 0.95 * total

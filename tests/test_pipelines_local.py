@@ -211,6 +211,6 @@ def test_off_policy_pipeline_trains_from_a_top_k_only_cache(tmp_path, clean_env,
     assert not (work / "teacher_cache" / "lm_head.safetensors").exists()
     logs = [json.loads(line) for line in
             (work / "train" / "train_log.jsonl").read_text().splitlines()]
-    kd = [r["kd"] for r in logs if "kd" in r]
+    kd = [r["train/kd"] for r in logs if "train/kd" in r]
     assert kd and all(v > 0 for v in kd), logs
     assert list((work / "model").glob("*.safetensors"))
