@@ -16,8 +16,13 @@ from _prepared import write_prepared
 from kubedistill import storage
 from kubedistill.config import load_config
 from kubedistill.errors import DataError
-from kubedistill.teacher.cache import (SPLITS, cache_teacher, plan_shards, read_teacher_rows,
-                                       teacher_rows)
+from kubedistill.teacher.cache import (
+    SPLITS,
+    cache_teacher,
+    plan_shards,
+    read_teacher_rows,
+    teacher_rows,
+)
 from kubedistill.teacher.engine import load_hf_teacher, make_engine
 from kubedistill.teacher.head import TeacherHead
 from kubedistill.teacher.import_logprobs import import_logprobs
@@ -154,7 +159,7 @@ def test_bad_records_are_all_named_and_nothing_is_written(served, tiny_teacher_d
         import_logprobs(make_cfg(tiny_teacher_dir, prepared, str(cache), logprobs_path=src))
     text = str(info.value)
     assert f"bad.jsonl:2 (id {samples[1]['id']}): token ids differ" in text
-    assert f"at position 3" in text
+    assert "at position 3" in text
     assert f"bad.jsonl:3 (id {samples[2]['id']}): token {first_loss} " in text
     assert "1 top logprobs, 4 needed" in text
     assert "bad.jsonl:4: id 'no-such-sample' is not a prepared sample" in text

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from kubedistill import storage
 from kubedistill.config import Config
 from kubedistill.errors import ArtifactMismatch, DataError
-from kubedistill.models import resolve_model_path
 from kubedistill.losses.topk import topk_of_logits
+from kubedistill.models import resolve_model_path
 from kubedistill.shards import manifest as mf
 from kubedistill.shards.schema import has_hidden
 from kubedistill.shards.writer import ShardRow, marker_uri, write_shard

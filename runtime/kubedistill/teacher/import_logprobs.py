@@ -33,8 +33,7 @@ from kubedistill.shards import manifest as mf
 from kubedistill.shards.writer import ShardRow, write_shard
 from kubedistill.teacher.cache import SPLITS, cache_layout, plan_shards, read_teacher_rows
 from kubedistill.teacher.key import expected_cache_key
-from kubedistill.teacher.logprobs import (READERS, align, detect_format, openai_token_id,
-                                          select_topk)
+from kubedistill.teacher.logprobs import READERS, align, detect_format, openai_token_id, select_topk
 
 log = logging.getLogger(__name__)
 _MAX_LISTED = 20

@@ -119,15 +119,18 @@ def align(alt: Alternatives, tokens: np.ndarray, where: str) -> dict[int, list]:
             raise DataError(f"{where}: logprobs.content has {len(own)} entries for a "
                             f"{n}-token prepared sequence")
         for j, tok in enumerate(own):
-            if tok != int(tokens[n - len(own) + j]):
+            i = n - len(own) + j
+            if tok != int(tokens[i]):
                 raise DataError(f"{where}: logprobs.content[{j}].token is id {tok}, the "
-                                f"prepared token {n - len(own) + j} is {int(tokens[n - len(own) + j])} "
-                                f"(tokenizer or chat template mismatch)")
+                                f"prepared token {i} is {int(tokens[i])} (tokenizer or chat "
+                                f"template mismatch)")
         return {n + i: v for i, v in alt.at.items()}
     if alt.tokens is not None:
-        if len(alt.tokens) != n or any(int(a) != int(b) for a, b in zip(alt.tokens, tokens)):
-            first = next((i for i, (a, b) in enumerate(zip(alt.tokens, tokens)) if a != b),
-                         min(len(alt.tokens), n))
+        given = np.asarray(alt.tokens, dtype=np.int64)
+        m = min(len(given), n)
+        differ = np.flatnonzero(given[:m] != np.asarray(tokens[:m], dtype=np.int64))
+        if len(given) != n or len(differ):
+            first = int(differ[0]) if len(differ) else m
             raise DataError(f"{where}: token ids differ from the prepared teacher tokens at "
                             f"position {first} ({len(alt.tokens)} vs {n} tokens; tokenizer "
                             f"or chat template mismatch)")

@@ -34,8 +34,13 @@ import torch
 from kubedistill import storage
 from kubedistill.errors import ArtifactMismatch
 from kubedistill.shards import manifest as mf
-from kubedistill.shards.schema import (ROWS_PER_BATCH, decode_hidden, has_hidden, list_values,
-                                       shard_schema)
+from kubedistill.shards.schema import (
+    ROWS_PER_BATCH,
+    decode_hidden,
+    has_hidden,
+    list_values,
+    shard_schema,
+)
 from kubedistill.teacher.head import TeacherHead
 
 
