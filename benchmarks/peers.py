@@ -89,14 +89,14 @@ def trl_worker(args: argparse.Namespace) -> None:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     teacher = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(TEACHER, None), dtype=torch.float32, attn_implementation="sdpa")
+        resolve_model_path(args.teacher, None), dtype=torch.float32, attn_implementation="sdpa")
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32,
                                                    attn_implementation="sdpa")
     config = GKDConfig(
         output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=args.lr, lr_scheduler_type=
         "cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": args.min_lr},
-        warmup_ratio=args.warmup, adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.0,
+        warmup_steps=args.warmup, adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.0,
         max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, lmbda=0.0, beta=0.0,
         temperature=1.0, seq_kd=False, report_to=[], save_strategy="no", logging_steps=1,
         dataloader_num_workers=0, seed=42, max_length=None, disable_dropout=True)
@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prepared", help=argparse.SUPPRESS)
     parser.add_argument("--student", help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", default=TEACHER, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--min_lr", type=float, default=1e-5, help=argparse.SUPPRESS)
