@@ -8,8 +8,8 @@ the CLI: the same derived 6-layer student initialisation, the same batches, the 
 of optimizer steps, ``kd_loss_fn kl`` (top-k arms: the tail-bucket top-k KL). Reports cache
 bytes per loss position (measured: shard bytes / positions), cache-teacher wall seconds,
 train tokens/s (``train_summary.json``), and the evaluate stage's held-out full-vocabulary
-KL(teacher || student) and CE (the same metric for every arm: a live teacher scores top-k
-arms, which have no hidden states). Then projects the bytes per position to bf16 teachers
+KL(teacher || student) and CE (the same metric for every arm: a live fp32 teacher scores
+all of them). Then projects the bytes per position to bf16 teachers
 with d = 4096 and d = 8192: hidden 2·d, top-k 8·k (int32 id + float32 log-prob).
 """
 
@@ -61,7 +61,8 @@ def main() -> None:
                "ckpt_path": f"{arm_dir}/checkpoints"}
         cache_s = stage("cache-teacher", cfg)
         stage("train", cfg)
-        stage("evaluate", cfg)
+        # every arm is scored by a live fp32 teacher (not a cache), so the KL is one metric
+        stage("evaluate", {**cfg, "teacher_cache_path": f"{arm_dir}/no-cache"})
         with open(f"{arm_dir}/cache/manifest.json") as f:
             totals = json.load(f)["totals"]
         with open(f"{arm_dir}/model/train_summary.json") as f:
