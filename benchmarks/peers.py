@@ -144,10 +144,10 @@ def main() -> None:
               "kd_ratio": 1.0, "kd_loss_fn": "kl", "learning_rate": args.lr,
               "min_lr": 1e-5, "lr_warmup_ratio": 0.1, "student_name_or_path": student,
               "student_from_teacher_layers": "none", "logging_steps": 1}
-    subprocess.run(kd("prepare", shared), check=True)
-    if not os.path.exists(f"{student}/config.json"):
+    if not os.path.exists(f"{student}/config.json"):  # prepare reads its tokenizer
         subprocess.run([sys.executable, "-m", "kubedistill.cli", "models", "derive", TEACHER,
                         student, "--layers", LAYERS], check=True)
+    subprocess.run(kd("prepare", shared), check=True)
     cache_s, cache_rss = timed(kd("cache-teacher", shared))
     runs: dict[str, list[dict]] = {"kubedistill": [], "trl": []}
     for pair in range(args.pairs):
