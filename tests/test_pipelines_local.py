@@ -105,7 +105,7 @@ def test_off_policy_end_to_end_on_tiny_models(tmp_path, clean_env, tiny_model_di
     prepared = json.loads((work / "prepared" / "manifest.json").read_text())
     assert prepared["data_hash"] and (work / "prepared" / "train.parquet").exists()
     cache = json.loads((work / "teacher_cache" / "manifest.json").read_text())
-    assert cache["schema_version"] == 1 and len(cache["shards"]) >= 2
+    assert cache["schema_version"] == 2 and len(cache["shards"]) >= 2
     # model
     model = work / "model"
     assert (model / "config.json").exists() and list(model.glob("*.safetensors"))
@@ -230,3 +230,40 @@ def test_sft_pipeline_twice_second_run_keeps_the_champion(tmp_path, clean_env, t
     client = MlflowClient(tracking_uri=db, registry_uri=db)
     assert str(client.get_model_version_by_alias("tiny-sft", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("tiny-sft", "challenger").version) == "2"
+
+
+def test_off_policy_pipeline_trains_from_a_top_k_only_cache(tmp_path, clean_env,
+                                                             tiny_model_dir, tiny_teacher_dir):
+    """teacher_signal topk under kfp.local: the cache holds top-8 ids + log-probs and no
+    hidden states or head; train reads them through the top-k KD loss (kd > 0 logged)."""
+    work = tmp_path / "run"
+    recipe = _recipe(tmp_path, {
+        "model": {"teacher_name_or_path": tiny_teacher_dir,
+                  "student_name_or_path": tiny_model_dir, "attn_implementation": "sdpa"},
+        "data": {"train_dataset_path": "packaged:gsm8k-train",
+                 "eval_dataset_path": "packaged:gsm8k-eval", "input_key": "question",
+                 "output_key": "answer", "label_key": "label", "max_len": 256,
+                 "prompt_max_len": 192, "max_samples": 8, "eval_max_samples": 2,
+                 "preprocess_num_workers": 1, "packing_samples": True},
+        "train": {"num_gpus_per_node": 1, "device": "cpu", "train_batch_size": 4,
+                  "micro_train_batch_size": 2, "learning_rate": 1e-3,
+                  "use_dynamic_bsz": True, "max_token_len_per_gpu": 512},
+        "kd": {"kd_loss_fn": "jsd", "kd_ratio": 0.9},
+        "cache": {"teacher_signal": "topk", "cache_topk": 8, "cache_rows_per_shard": 4},
+        "eval": {"eval_task": "gsm8k", "eval_num_generations": 1, "eval_max_new_tokens": 4},
+        "tracking": {"experiment_name": "e2e-topk", "registered_model_name": "tiny-topk"},
+        "storage": {"work_dir": str(work)},
+    })
+    out = io.StringIO()
+    ok, _ = run(recipe, out=out)
+    text = out.getvalue()
+    assert ok, text
+    cache = json.loads((work / "teacher_cache" / "manifest.json").read_text())
+    assert cache["key"]["teacher_signal"] == "topk" and cache["key"]["topk"] == 8
+    assert cache["layout"]["hidden_size"] == 0
+    assert not (work / "teacher_cache" / "lm_head.safetensors").exists()
+    logs = [json.loads(line) for line in
+            (work / "train" / "train_log.jsonl").read_text().splitlines()]
+    kd = [r["train/kd"] for r in logs if "train/kd" in r]
+    assert kd and all(v > 0 for v in kd), logs
+    assert list((work / "model").glob("*.safetensors"))

@@ -110,3 +110,12 @@ def test_check_key_names_each_differing_part():
         check_key(key, {**key, "tokenizer": "u", "topk": 4})
     assert "tokenizer" in str(err.value) and "topk" in str(err.value)
     assert "data" not in str(err.value)
+
+
+def test_top_k_signal_has_no_hidden_columns():
+    schema = shard_schema("fp8", 0, 16, "topk")
+    assert schema.names == ["id", "positions", "topk_logprobs", "topk_ids"]
+    assert schema.metadata[b"kubedistill.teacher_signal"] == b"topk"
+    assert shard_schema("bf16", 64, 4, "both").names[:3] == ["id", "positions", "hidden"]
+    with pytest.raises(ValueError, match="needs cache_topk > 0"):
+        shard_schema("bf16", 0, 0, "topk")

@@ -123,6 +123,7 @@ class KDConfig:
     # kubedistill
     kd_temperature_squared: bool = False  # multiply the KD term by T^2 (KDFlow: never)
     self_distillation: bool = False  # the teacher is the student itself (on-policy)
+    kd_topk_mode: str = "tail"  # teacher_signal topk: tail bucket | renorm (losses.topk)
 
 
 @dataclass
@@ -132,6 +133,8 @@ class CacheConfig:
     teacher_backend: str = "auto"  # auto | hf | sglang
     cache_dtype: str = "bf16"  # bf16 | fp16 | fp32 | fp8
     cache_topk: int = 0  # also store top-k teacher log-probs (0: off)
+    teacher_signal: str = "hidden"  # hidden | topk (top-k only; KD reads it) | both
+    logprobs_path: str | None = None  # import-logprobs: vLLM/SGLang/OpenAI top-k logprobs
     cache_rows_per_shard: int = 256
     cache_verify: bool = True
     teacher_batch_tokens: int = 4096  # token budget of one teacher forward (hf backend)

@@ -112,10 +112,11 @@ FIELD_RULES: dict[str, Rule] = {
     "dskd_token_align": choice("eta", "cma"), "dskd_topk_vocab": OFF_OR_POSITIVE,
     "dskd_projector_lr": POSITIVE_REAL, "jsd_beta": UNIT, "skew_lambda": UNIT,
     "adaptive_alpha": UNIT, "hrl_topk": POSITIVE, "teacher_update_freq": POSITIVE,
-    "teacher_ema_decay": OPEN_UNIT,
+    "teacher_ema_decay": OPEN_UNIT, "kd_topk_mode": choice("tail", "renorm"),
     # cache
     "teacher_backend": choice("auto", "hf", "sglang"),
     "cache_dtype": choice("bf16", "fp16", "fp32", "fp8"), "cache_topk": NON_NEGATIVE,
+    "teacher_signal": choice("hidden", "topk", "both"),
     "cache_rows_per_shard": POSITIVE, "teacher_batch_tokens": POSITIVE, "num_shards": POSITIVE,
     "shard_index": Rule(low=0, also=(-1,)),
     # rollout
@@ -192,6 +193,8 @@ CROSS_RULES: list[tuple[str, Callable[[Any], bool]]] = [
      lambda c: not c.train.use_dynamic_bsz or c.train.max_token_len_per_gpu > 0),
     ("train_dataset_probs needs one entry per train_dataset_path entry "
      "({cfg.data.train_dataset_probs!r} vs {cfg.data.train_dataset_path!r})", _probs_match),
+    ("teacher_signal {cfg.cache.teacher_signal} needs cache_topk > 0",
+     lambda c: c.cache.teacher_signal == "hidden" or c.cache.cache_topk > 0),
     ("shard_index {cfg.cache.shard_index} must be < num_shards {cfg.cache.num_shards}",
      lambda c: c.cache.shard_index < c.cache.num_shards),
 ]

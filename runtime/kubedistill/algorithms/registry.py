@@ -34,7 +34,8 @@ def build_algorithm(cfg, teacher_head: nn.Module | None = None,
     ``kd_loss_fn`` (the loss is checked by the algorithms that use it, at construction).
     """
     cls = ALGORITHMS.lookup(cfg.kd.kd_algorithm)
-    if cls.needs_teacher and teacher_head is None and cfg.kd.kd_ratio > 0:
+    head_free = cfg.cache.teacher_signal == "topk"  # a top-k teacher needs no head
+    if cls.needs_teacher and teacher_head is None and cfg.kd.kd_ratio > 0 and not head_free:
         raise ConfigError(f"kd_algorithm '{cfg.kd.kd_algorithm}' with kd_ratio "
                           f"{cfg.kd.kd_ratio} needs a teacher head")
     return cls(cfg, teacher_head=teacher_head, student_hidden_size=student_hidden_size)

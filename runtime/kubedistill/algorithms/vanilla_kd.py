@@ -6,7 +6,8 @@ import torch
 
 from kubedistill.algorithms.base import Algorithm, MicroBatch
 from kubedistill.algorithms.registry import register_algorithm
-from kubedistill.losses import fused_kd_loss, get_loss, loss_hparams
+from kubedistill.algorithms.signal import train_signal
+from kubedistill.losses import fused_kd_loss, loss_hparams
 
 
 def kd_scale(kd_config) -> float:
@@ -26,26 +27,25 @@ class VanillaKD(Algorithm):
     ``kd_temperature_squared`` else 1, teacher logits t_i = teacher_head(teacher_hidden_i).
     Returns ``{"loss", "ce", "kd"}``; ``ce``/``kd`` are detached sums / Z, ``kd`` without c.
     Computed ``chunked_loss_size`` tokens at a time (None: full logits).
-    ``batch.extras["token_weights"]`` [N], if present, weights each token.
+    ``batch.extras["token_weights"]`` [N], if present, weights each token. With
+    ``teacher_signal: topk`` the teacher is the cached top-k and KD the top-k loss
+    (:mod:`kubedistill.algorithms.signal`, :mod:`kubedistill.losses.topk`).
     """
 
     needs_teacher = True
 
     def __init__(self, config, teacher_head=None, student_hidden_size=None):
         super().__init__(config, teacher_head, student_hidden_size)
-        self.loss_fn = get_loss(config.kd.kd_loss_fn)
+        self.signal = train_signal(config)  # hidden states or top-k
+        self.loss_fn = self.signal.loss(config.kd.kd_loss_fn)
 
     def forward(self, batch: MicroBatch, hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                 normalizer: float) -> dict[str, torch.Tensor]:
         kd = self.config.kd
-        use_teacher = kd.kd_ratio > 0 or (batch.teacher_hidden is not None
-                                          and self.teacher_head is not None)
-        if use_teacher and (batch.teacher_hidden is None or self.teacher_head is None):
-            raise ValueError("vanilla_kd needs batch.teacher_hidden and a teacher head")
+        use_teacher = kd.kd_ratio > 0 or self.signal.available(batch, self.teacher_head)
+        teacher = self.signal.inputs(batch, self.teacher_head) if use_teacher else {}
         out = fused_kd_loss(
-            hidden, lm_head_weight, batch.target_ids,
-            teacher_hidden=batch.teacher_hidden if use_teacher else None,
-            teacher_head=self.teacher_head if use_teacher else None,
+            hidden, lm_head_weight, batch.target_ids, **teacher,
             loss_fn=self.loss_fn, kd_ratio=kd.kd_ratio, temperature=kd.kd_temperature,
             kd_scale=kd_scale(kd), normalizer=normalizer,
             token_weights=batch.extras.get("token_weights"),

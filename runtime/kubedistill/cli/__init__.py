@@ -24,6 +24,8 @@ STAGES: dict[str, tuple[str, str]] = {
                 "normalise, template and tokenize raw data into a prepared dataset"),
     "cache-teacher": ("kubedistill.teacher.cache:cache_teacher",
                       "run the teacher over prepared data and cache its hidden states"),
+    "import-logprobs": ("kubedistill.teacher.import_logprobs:import_logprobs",
+                        "turn top-k logprobs from vLLM/SGLang/OpenAI into a top-k teacher cache"),
     "merge-cache": ("kubedistill.teacher.cache:merge_cache",
                     "merge the manifests of a fanned-out teacher cache"),
     "train": ("kubedistill.train.launch:train",

@@ -159,6 +159,8 @@ def open_cache_signal(uri: str, rows: list[dict], teacher_dir: str | None = None
         from kubedistill.teacher.reader import TeacherCache
 
         cache = TeacherCache(uri)
+        if not cache.has_hidden:
+            raise ValueError("it holds top-k log-probs only")
         if teacher_dir is not None:
             from kubedistill.teacher.key import tokenizer_hash, weights_hash
 

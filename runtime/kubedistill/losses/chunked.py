@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from kubedistill.losses.analytic import ANALYTIC, ce_value_and_grad
 from kubedistill.losses.divergences import LOSSES, _upcast
+from kubedistill.losses.topk import TopK
 
 
 class KDLoss(NamedTuple):
@@ -63,8 +64,11 @@ class _Spec:
     temperature: float
     hparams: dict
     chunk_size: int | None
+    teacher_topk: TopK | None = None
 
-    def teacher_logits(self, start: int, end: int) -> torch.Tensor | None:
+    def teacher_logits(self, start: int, end: int) -> torch.Tensor | TopK | None:
+        if self.teacher_topk is not None:
+            return self.teacher_topk.rows(start, end)
         if self.teacher_head is None:
             return None
         with torch.no_grad():
@@ -77,6 +81,15 @@ def _is_zero(x: Any) -> bool:
 
 def _wsum(per_token: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return per_token.sum() if weights is None else (per_token * weights).sum()
+
+
+def _common_vocab(logits: torch.Tensor, teacher):
+    """Cut student and teacher logits to ``V' = min(V, V_teacher)``; a top-k teacher
+    (:class:`~kubedistill.losses.topk.TopK`) names its ids and is passed whole."""
+    if isinstance(teacher, TopK):
+        return logits, teacher
+    v = min(logits.shape[-1], teacher.shape[-1])
+    return logits[:, :v], teacher[:, :v]
 
 
 def _terms(logits: torch.Tensor, teacher_logits: torch.Tensor | None, spec: _Spec,
@@ -93,9 +106,9 @@ def _terms(logits: torch.Tensor, teacher_logits: torch.Tensor | None, spec: _Spe
     objective = spec.ce_coef * ce
     kd = torch.zeros((), dtype=torch.float32, device=logits.device)
     if teacher_logits is not None:
-        v = min(logits.shape[-1], teacher_logits.shape[-1])
+        student, teacher = _common_vocab(logits, teacher_logits)
         with torch.set_grad_enabled(grad and not _is_zero(spec.kd_coef)):
-            per_token = spec.loss_fn(logits[:, :v], teacher_logits[:, :v],
+            per_token = spec.loss_fn(student, teacher,
                                      temperature=spec.temperature, **spec.hparams)
             kd = _wsum(_upcast(per_token), weights)
         objective = objective + spec.kd_coef * kd
@@ -193,7 +206,7 @@ def fused_kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: t
                   temperature: float = 1.0, kd_scale: float = 1.0,
                   normalizer: float | torch.Tensor | None = None,
                   token_weights: torch.Tensor | None = None, chunk_size: int | None = 1024,
-                  hparams: dict | None = None) -> KDLoss:
+                  hparams: dict | None = None, teacher_topk: TopK | None = None) -> KDLoss:
     """The loss above for ``hidden`` [N, d], ``lm_head_weight`` [V, d], ``targets`` [N].
 
     ``teacher_head`` maps teacher hidden states [n, d_t] to teacher logits [n, V_t] (e.g.
@@ -201,9 +214,18 @@ def fused_kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: t
     ``kd_ratio`` must be 0 (plain CE) and ``kd`` is reported as 0. ``token_weights`` [N]
     scale each token (0 drops it). ``hparams`` go to the KD loss (``jsd_beta``, ...).
     ``chunk_size=None`` builds the full logits (the unchunked reference).
+    ``teacher_topk`` (a sparse teacher, [N, k] ids + log-probs) replaces ``teacher_hidden``
+    + ``teacher_head``; ``loss_fn`` must then be a top-k loss
+    (:func:`kubedistill.losses.topk.topk_loss`).
     """
-    if teacher_head is None and kd_ratio != 0:
-        raise ValueError("kd_ratio > 0 needs teacher_hidden and teacher_head")
+    if teacher_topk is not None:
+        if teacher_head is not None or teacher_hidden is not None:
+            raise ValueError("give either teacher_topk or teacher_hidden + teacher_head")
+        if teacher_topk.ids.shape[0] != hidden.shape[0]:
+            raise ValueError(f"teacher_topk has {teacher_topk.ids.shape[0]} rows, hidden "
+                             f"{hidden.shape[0]}: rows must line up token by token")
+    elif teacher_head is None and kd_ratio != 0:
+        raise ValueError("kd_ratio > 0 needs teacher_hidden and teacher_head (or teacher_topk)")
     if teacher_head is not None and teacher_hidden is None:
         raise ValueError("teacher_head given without teacher_hidden")
     if teacher_hidden is not None and teacher_hidden.shape[0] != hidden.shape[0]:
@@ -221,7 +243,7 @@ def fused_kd_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: t
                  teacher_head=teacher_head, loss_fn=loss_fn,
                  ce_coef=(1.0 - kd_ratio) * inv_norm, kd_coef=kd_ratio * kd_scale * inv_norm,
                  inv_norm=inv_norm, temperature=float(temperature), hparams=dict(hparams or {}),
-                 chunk_size=chunk_size)
+                 chunk_size=chunk_size, teacher_topk=teacher_topk)
     if chunk_size is None:
         return _unchunked(hidden, lm_head_weight, spec)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad

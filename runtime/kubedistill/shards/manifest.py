@@ -9,7 +9,8 @@ the same values. Parts (all strings or ints, compared one by one):
 - ``data``: the prepared dataset's ``data_hash``;
 - ``dtype``: ``bf16`` | ``fp16`` | ``fp32`` | ``fp8``;
 - ``positions_policy``: which positions are kept (:data:`POSITIONS_POLICY`);
-- ``topk``: number of top-k log-probs stored (0: none).
+- ``topk``: number of top-k log-probs stored (0: none);
+- ``teacher_signal``: ``hidden`` | ``topk`` | ``both`` (:mod:`kubedistill.shards.schema`).
 
 The **manifest** holds ``schema_version``, ``key``, ``key_hash``, ``layout``
 (``rows_per_shard``, ``hidden_size``, ``num_shards`` plan of the writers), per-split totals in
@@ -30,7 +31,8 @@ from typing import Any
 from kubedistill.errors import ArtifactMismatch
 from kubedistill.shards.schema import SCHEMA_VERSION
 
-KEY_PARTS = ("teacher_weights", "tokenizer", "data", "dtype", "positions_policy", "topk")
+KEY_PARTS = ("teacher_weights", "tokenizer", "data", "dtype", "positions_policy", "topk",
+             "teacher_signal")
 POSITIONS_POLICY = "teacher_mask_shift1/v1"  # positions = [i - 1 for i with m[i] == 1]
 MANIFEST = "manifest.json"
 

@@ -1,6 +1,7 @@
 """Arrow schema of a teacher-cache shard, and the hidden-state encodings.
 
-Schema version ``SCHEMA_VERSION`` = 1. A shard is one Arrow IPC *file* (``.arrow``) holding
+Schema version ``SCHEMA_VERSION`` = 2 (2 added the teacher signal: ``hidden`` is absent
+from ``topk`` caches; version-1 caches must be rebuilt). A shard is one Arrow IPC *file* (``.arrow``) holding
 record batches of at most ``ROWS_PER_BATCH`` rows, one row per sample:
 
 ==================  ===================  ==================================================
@@ -10,11 +11,14 @@ column              type                 meaning
 ``positions``       list<int32>          ``[i - 1 for i with m[i] == 1]``: the positions
                                          (in teacher tokens) that predict a target, where
                                          ``m`` is the teacher-side loss mask
-``hidden``          list<T>              the teacher's final post-norm hidden states at
-                                         ``positions``, row-major ``[n, d]`` flattened
-``hidden_scale``    list<float32>        fp8 only: one scale per position, ``[n]``
+``hidden``          list<T>              signal ``hidden``/``both`` only: the teacher's
+                                         final post-norm hidden states at ``positions``,
+                                         row-major ``[n, d]`` flattened
+``hidden_scale``    list<float32>        fp8 only (with ``hidden``): one scale per
+                                         position, ``[n]``
 ``topk_logprobs``   list<float32>        ``cache_topk > 0`` only: ``[n, k]`` flattened,
-                                         the teacher's top-k log-probs, descending
+                                         the teacher's top-k log-probs (temperature 1),
+                                         descending
 ``topk_ids``        list<int32>          ``cache_topk > 0`` only: their token ids
 ==================  ===================  ==================================================
 
@@ -27,8 +31,12 @@ column              type                 meaning
   ``s = max(|h|) / 448`` (448 = largest e4m3fn value; ``s = 1`` for an all-zero row);
   decoded as ``q.float() * s``.
 
+Teacher signal (``teacher_signal``, schema metadata ``kubedistill.teacher_signal``):
+``hidden`` (hidden states; top-k columns too when ``cache_topk > 0``), ``topk`` (top-k
+columns only: 8k bytes per position, no lm_head needed to train) or ``both``.
+
 Schema metadata (all strings): ``kubedistill.schema_version``, ``kubedistill.dtype``,
-``kubedistill.hidden_size``, ``kubedistill.topk``. Shard bytes hold no timestamps, so the
+``kubedistill.hidden_size``, ``kubedistill.topk``, ``kubedistill.teacher_signal``. Shard bytes hold no timestamps, so the
 same inputs give byte-identical shards.
 """
 
@@ -38,7 +46,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SIGNALS = ("hidden", "topk", "both")
 ROWS_PER_BATCH = 16
 DTYPES = ("bf16", "fp16", "fp32", "fp8")
 FP8_MAX = 448.0
@@ -49,19 +58,29 @@ _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 _BITS = {"bf16": torch.int16, "fp16": torch.int16, "fp32": torch.float32, "fp8": torch.uint8}
 
 
-def shard_schema(dtype: str, hidden_size: int, topk: int) -> pa.Schema:
+def has_hidden(signal: str) -> bool:
+    return signal in ("hidden", "both")
+
+
+def shard_schema(dtype: str, hidden_size: int, topk: int, signal: str = "hidden") -> pa.Schema:
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype must be one of {DTYPES}, got {dtype!r}")
+    if signal not in SIGNALS:
+        raise ValueError(f"teacher_signal must be one of {SIGNALS}, got {signal!r}")
+    if signal != "hidden" and topk <= 0:
+        raise ValueError(f"teacher_signal {signal!r} needs cache_topk > 0")
     fields = [pa.field("id", pa.string(), nullable=False),
-              pa.field("positions", pa.list_(pa.int32()), nullable=False),
-              pa.field("hidden", pa.list_(_STORAGE[dtype]), nullable=False)]
-    if dtype == "fp8":
-        fields.append(pa.field("hidden_scale", pa.list_(pa.float32()), nullable=False))
+              pa.field("positions", pa.list_(pa.int32()), nullable=False)]
+    if has_hidden(signal):
+        fields.append(pa.field("hidden", pa.list_(_STORAGE[dtype]), nullable=False))
+        if dtype == "fp8":
+            fields.append(pa.field("hidden_scale", pa.list_(pa.float32()), nullable=False))
     if topk > 0:
         fields += [pa.field("topk_logprobs", pa.list_(pa.float32()), nullable=False),
                    pa.field("topk_ids", pa.list_(pa.int32()), nullable=False)]
     meta = {"kubedistill.schema_version": str(SCHEMA_VERSION), "kubedistill.dtype": dtype,
-            "kubedistill.hidden_size": str(hidden_size), "kubedistill.topk": str(topk)}
+            "kubedistill.hidden_size": str(hidden_size), "kubedistill.topk": str(topk),
+            "kubedistill.teacher_signal": signal}
     return pa.schema(fields, metadata=meta)
 
 

@@ -40,7 +40,7 @@ class ShardRow:
 
     id: str
     positions: Sequence[int]
-    hidden: torch.Tensor  # [n, d]
+    hidden: torch.Tensor | None  # [n, d]; None for a ``topk`` cache
     tokens: int  # teacher tokens fed for this sample
     topk_logprobs: torch.Tensor | None = None  # [n, k]
     topk_ids: torch.Tensor | None = None  # [n, k]
@@ -57,12 +57,13 @@ def _record_batch(rows: Sequence[ShardRow], schema: pa.Schema, dtype: str) -> pa
         flat = np.concatenate(arrays) if arrays else np.zeros(0)
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=typ))
 
-    encoded = [encode_hidden(r.hidden, dtype) for r in rows]
     cols = {"id": pa.array([r.id for r in rows], pa.string()),
-            "positions": lists([np.asarray(r.positions, np.int32) for r in rows], pa.int32()),
-            "hidden": lists([e[0] for e in encoded], schema.field("hidden").type.value_type)}
-    if dtype == "fp8":
-        cols["hidden_scale"] = lists([e[1] for e in encoded], pa.float32())
+            "positions": lists([np.asarray(r.positions, np.int32) for r in rows], pa.int32())}
+    if "hidden" in schema.names:
+        encoded = [encode_hidden(r.hidden, dtype) for r in rows]
+        cols["hidden"] = lists([e[0] for e in encoded], schema.field("hidden").type.value_type)
+        if dtype == "fp8":
+            cols["hidden_scale"] = lists([e[1] for e in encoded], pa.float32())
     if "topk_ids" in schema.names:
         cols["topk_logprobs"] = lists([r.topk_logprobs.float().reshape(-1).numpy()
                                        for r in rows], pa.float32())
@@ -88,12 +89,12 @@ def _writer_alive(tmp_path: str) -> bool:
 
 
 def write_shard(cache_uri: str, name: str, rows: Sequence[ShardRow], *, dtype: str,
-                hidden_size: int, topk: int, meta: dict) -> dict:
+                hidden_size: int, topk: int, meta: dict, signal: str = "hidden") -> dict:
     """Write ``{cache_uri}/{name}.arrow`` and then its marker; returns the shard entry.
 
     ``meta`` (split, index, row_start, row_end, key_hash) is copied into the entry.
     """
-    schema = shard_schema(dtype, hidden_size, topk)
+    schema = shard_schema(dtype, hidden_size, topk, signal)
     local = storage.is_local(cache_uri)
     tmp_dir = storage.local_path(cache_uri) if local else None
     if tmp_dir:

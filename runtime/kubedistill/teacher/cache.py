@@ -3,7 +3,8 @@
 ``cache_teacher(cfg)`` reads ``{prepared_path}/{train,eval}.parquet``, runs the teacher over
 each sample's teacher tokens (``teacher_input_ids`` if not null, else ``input_ids``) and keeps
 the final post-norm hidden states at ``positions = [i - 1 for i with m[i] == 1]``, ``m`` =
-``teacher_loss_mask`` if not null else ``loss_mask``. Output under ``teacher_cache_path``:
+``teacher_loss_mask`` if not null else ``loss_mask``, and/or (``teacher_signal``) the
+top-``cache_topk`` log-probs there; a ``topk`` cache has no hidden states and no head files. Output under ``teacher_cache_path``:
 ``{split}-{index:05d}.arrow`` shards (:mod:`kubedistill.shards.schema`), their markers,
 ``lm_head.safetensors`` + ``head.json`` (:class:`~kubedistill.teacher.head.TeacherHead`)
 and ``manifest.json`` (:mod:`kubedistill.shards.manifest`).
@@ -38,8 +39,10 @@ from tqdm.auto import tqdm
 from kubedistill import storage
 from kubedistill.config import Config
 from kubedistill.errors import ArtifactMismatch, DataError
+from kubedistill.losses.topk import topk_of_logits
 from kubedistill.models import resolve_model_path
 from kubedistill.shards import manifest as mf
+from kubedistill.shards.schema import has_hidden
 from kubedistill.shards.writer import ShardRow, marker_uri, write_shard
 from kubedistill.teacher.engine import load_hf_teacher, make_engine, resolve_backend
 from kubedistill.teacher.head import TeacherHead
@@ -141,13 +144,39 @@ def assign_ranges(plans: list[ShardPlan], num_workers: int) -> list[list[ShardPl
 def _topk(head: TeacherHead, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     vals, idx = [], []
     for s in range(0, hidden.shape[0], _TOPK_CHUNK):
-        logp = torch.log_softmax(head.logits(hidden[s:s + _TOPK_CHUNK]), dim=-1)
-        v, i = logp.topk(k, dim=-1)
-        vals.append(v)
-        idx.append(i)
+        top = topk_of_logits(head.logits(hidden[s:s + _TOPK_CHUNK]), k)
+        vals.append(top.logprobs)
+        idx.append(top.ids)
     if not vals:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
     return torch.cat(vals), torch.cat(idx)
+
+
+def teacher_rows(engine, head: TeacherHead, cfg: Config, ids: list[str],
+                 tokens: list[np.ndarray], positions: list[np.ndarray]) -> list[ShardRow]:
+    """The shard rows of some samples, holding the signal ``cfg.cache.teacher_signal`` asks
+    for. Top-k comes from ``log_softmax(head(h))`` (float32), or straight from the engine
+    when it has ``final_topk`` (sglang) and no hidden states are kept."""
+    signal, k = cfg.cache.teacher_signal, cfg.cache.cache_topk
+    direct = getattr(engine, "final_topk", None)
+    if not has_hidden(signal) and direct is not None:
+        tops = direct(tokens, positions, k)
+        return [ShardRow(sid, pos, None, len(tok), lp, top_ids)
+                for sid, tok, pos, (lp, top_ids) in zip(ids, tokens, positions, tops,
+                                                        strict=True)]
+    rows = []
+    states = engine.final_states(tokens, positions)
+    for sid, tok, pos, h in zip(ids, tokens, positions, states, strict=True):
+        topk = _topk(head, h, k) if k else (None, None)
+        rows.append(ShardRow(sid, pos, h if has_hidden(signal) else None, len(tok), *topk))
+    return rows
+
+
+def cache_layout(cfg: Config, hidden_size: int, planned_shards: int) -> dict:
+    """The manifest's ``layout`` (``hidden_size`` 0 and no head files for a top-k cache)."""
+    head = ["lm_head.safetensors", "head.json"] if has_hidden(cfg.cache.teacher_signal) else []
+    return {"rows_per_shard": cfg.cache.cache_rows_per_shard, "hidden_size": hidden_size,
+            "planned_shards": planned_shards, "head": head}
 
 
 def _marker(cache_uri: str, plan: ShardPlan, key_hash: str) -> dict | None:
@@ -181,6 +210,7 @@ def cache_teacher(cfg: Config) -> dict:
     model_path = resolve_model_path(cfg.model.teacher_name_or_path, cfg.storage.model_cache_dir)
     key = expected_cache_key(cfg, model_path)
     key_hash = mf.key_hash(key)
+    signal = cfg.cache.teacher_signal
     done = _existing_manifest(cache_uri, key)
     if done is not None:
         log.info("teacher cache %s is complete with this key; nothing to do", cache_uri)
@@ -196,8 +226,8 @@ def cache_teacher(cfg: Config) -> dict:
 
     written_tokens, engine, hidden_size = 0, None, None
     head_marker = marker_uri(cache_uri, "lm_head")
-    head_done = storage.exists(head_marker) and \
-        storage.read_json(head_marker).get("key_hash") == key_hash
+    head_done = not has_hidden(signal) or (  # a top-k cache has no head to write
+        storage.exists(head_marker) and storage.read_json(head_marker).get("key_hash") == key_hash)
     if pending or not head_done:
         backend = resolve_backend(cfg.cache.teacher_backend)
         model = load_hf_teacher(cfg, model_path) if backend == "hf" else None
@@ -207,7 +237,7 @@ def cache_teacher(cfg: Config) -> dict:
             head.save(cache_uri)
             storage.write_json_atomic(head_marker, {"key_hash": key_hash})
         head = head.to("cpu").float()
-        hidden_size = head.hidden_size
+        hidden_size = head.hidden_size if has_hidden(signal) else 0
         if pending:
             engine = make_engine(cfg, model_path, model)
     start = time.perf_counter()  # the loop alone: teacher forward + encode + write
@@ -217,18 +247,14 @@ def cache_teacher(cfg: Config) -> dict:
         for plan in pending:
             data = rows[plan.split]
             sl = slice(plan.row_start, plan.row_end)
-            states = engine.final_states(data.tokens[sl], data.positions[sl])
-            shard_rows = []
-            for sid, tok, pos, h in zip(data.ids[sl], data.tokens[sl], data.positions[sl],
-                                        states, strict=True):
-                topk = _topk(head, h, cfg.cache.cache_topk) if cfg.cache.cache_topk else None
-                shard_rows.append(ShardRow(sid, pos, h, len(tok), *(topk or (None, None))))
+            shard_rows = teacher_rows(engine, head, cfg, data.ids[sl], data.tokens[sl],
+                                      data.positions[sl])
             meta = {"split": plan.split, "index": plan.index, "row_start": plan.row_start,
                     "row_end": plan.row_end, "key_hash": key_hash}
             entries[plan.name] = write_shard(cache_uri, plan.name, shard_rows,
                                              dtype=cfg.cache.cache_dtype,
                                              hidden_size=hidden_size, topk=cfg.cache.cache_topk,
-                                             meta=meta)
+                                             meta=meta, signal=signal)
             written_tokens += plan.tokens
             progress.update(plan.tokens)
     finally:
@@ -237,9 +263,8 @@ def cache_teacher(cfg: Config) -> dict:
             engine.close()
     seconds = time.perf_counter() - start
     if hidden_size is None:
-        hidden_size = TeacherHead.load(cache_uri).hidden_size
-    layout = {"rows_per_shard": cfg.cache.cache_rows_per_shard, "hidden_size": hidden_size,
-              "planned_shards": len(plans), "head": ["lm_head.safetensors", "head.json"]}
+        hidden_size = TeacherHead.load(cache_uri).hidden_size if has_hidden(signal) else 0
+    layout = cache_layout(cfg, hidden_size, len(plans))
     manifest = mf.build_manifest(key, layout, [entries[p.name] for p in mine])
     stats = {"shards_written": len(pending), "seconds": round(seconds, 3),
              "tokens_per_s": round(written_tokens / seconds, 1) if written_tokens else None}

@@ -92,4 +92,5 @@ def expected_cache_key(cfg: Config, model_path: str | None = None) -> dict[str, 
                                             cfg.storage.model_cache_dir)
     return {"teacher_weights": weights_hash(path), "tokenizer": tokenizer_hash(path),
             "data": data_hash(cfg.prepared_path), "dtype": cfg.cache.cache_dtype,
-            "positions_policy": POSITIONS_POLICY, "topk": int(cfg.cache.cache_topk)}
+            "positions_policy": POSITIONS_POLICY, "topk": int(cfg.cache.cache_topk),
+            "teacher_signal": cfg.cache.teacher_signal}

@@ -3,7 +3,8 @@
 - ``.manifest``: the manifest dict (:mod:`kubedistill.shards.manifest`);
 - ``.check_key(expected)``: raise :class:`~kubedistill.errors.ArtifactMismatch` naming the
   key parts that differ (``expected`` from :func:`kubedistill.teacher.key.expected_cache_key`);
-- ``.head()``: the teacher's :class:`~kubedistill.teacher.head.TeacherHead`;
+- ``.head()``: the teacher's :class:`~kubedistill.teacher.head.TeacherHead` (None when
+  ``.signal == "topk"``: such a cache holds only top-k ids + log-probs, ``hidden`` is None);
 - ``.get(sample_id, dtype=torch.float32)`` -> :class:`TeacherStates`; ``dtype=None`` keeps
   the stored dtype (bf16/fp16/fp32 zero-copy over the shard's memory: read-only; fp8 is
   dequantised to bf16);
@@ -33,14 +34,20 @@ import torch
 from kubedistill import storage
 from kubedistill.errors import ArtifactMismatch
 from kubedistill.shards import manifest as mf
-from kubedistill.shards.schema import ROWS_PER_BATCH, decode_hidden, list_values, shard_schema
+from kubedistill.shards.schema import (
+    ROWS_PER_BATCH,
+    decode_hidden,
+    has_hidden,
+    list_values,
+    shard_schema,
+)
 from kubedistill.teacher.head import TeacherHead
 
 
 @dataclass
 class TeacherStates:
     positions: torch.Tensor  # [n] long: positions (teacher tokens) that predict a target
-    hidden: torch.Tensor  # [n, d]
+    hidden: torch.Tensor | None  # [n, d]; None in a ``topk`` cache
     topk_logprobs: torch.Tensor | None = None  # [n, k] float32
     topk_ids: torch.Tensor | None = None  # [n, k] long
 
@@ -58,7 +65,9 @@ class TeacherCache:
         key = self.manifest["key"]
         self.dtype: str = key["dtype"]
         self.hidden_size: int = int(self.manifest["layout"]["hidden_size"])
-        self.schema = shard_schema(self.dtype, self.hidden_size, int(key["topk"]))
+        self.signal: str = key.get("teacher_signal", "hidden")
+        self.topk: int = int(key["topk"])
+        self.schema = shard_schema(self.dtype, self.hidden_size, self.topk, self.signal)
         self.local = storage.is_local(uri)
         self._index: dict[str, tuple[int, int]] = {}
         self._split_index: dict[tuple[str, str], tuple[int, int]] = {}
@@ -80,8 +89,13 @@ class TeacherCache:
     def check_key(self, expected: dict[str, Any]) -> None:
         mf.check_key(self.manifest["key"], expected, where=self.uri)
 
-    def head(self) -> TeacherHead:
-        return TeacherHead.load(self.uri)
+    @property
+    def has_hidden(self) -> bool:
+        return has_hidden(self.signal)
+
+    def head(self) -> TeacherHead | None:
+        """The teacher's head; None for a ``topk`` cache (it has none and needs none)."""
+        return TeacherHead.load(self.uri) if self.has_hidden else None
 
     def sample_ids(self, split: str | None = None) -> list[str]:
         return [sid for e in self.manifest["shards"] if split in (None, e["split"])
@@ -137,9 +151,12 @@ class TeacherCache:
         batch = self._batch(s, row // ROWS_PER_BATCH)
         r = row % ROWS_PER_BATCH
         positions = torch.from_numpy(list_values(batch.column("positions"), r).astype("int64"))
-        scale = list_values(batch.column("hidden_scale"), r) if self.dtype == "fp8" else None
-        hidden = decode_hidden(list_values(batch.column("hidden"), r), scale, self.dtype,
-                               self.hidden_size, dtype)
+        hidden = None
+        if self.has_hidden:
+            scale = list_values(batch.column("hidden_scale"), r) if self.dtype == "fp8" \
+                else None
+            hidden = decode_hidden(list_values(batch.column("hidden"), r), scale, self.dtype,
+                                   self.hidden_size, dtype)
         states = TeacherStates(positions, hidden)
         if "topk_ids" in batch.schema.names:
             n = positions.shape[0]

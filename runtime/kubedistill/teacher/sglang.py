@@ -163,3 +163,35 @@ class SGLangTeacherEngine(SGLangEngine):
             result[i] = self.final_norm(states) if self.apply_norm else states
         return result
 
+    @torch.inference_mode()
+    def final_topk(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                   k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Top-k straight from SGLang (``teacher_signal: topk``): no hidden states leave
+        the engine; see :func:`topk_from_meta_info`."""
+        todo = [i for i, p in enumerate(positions) if len(p)]
+        result = [(torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long))] * len(positions)
+        if todo:
+            outputs = self.engine.generate(
+                input_ids=[list(map(int, sequences[i])) for i in todo],
+                sampling_params={"max_new_tokens": 0, "temperature": 0.0},
+                return_logprob=True, top_logprobs_num=k, logprob_start_len=0)
+            outputs = outputs if isinstance(outputs, list) else [outputs]
+            for i, out in zip(todo, outputs, strict=True):
+                result[i] = topk_from_meta_info(out["meta_info"], positions[i], k,
+                                                where=f"sglang sample {i}")
+        return result
+
+
+def topk_from_meta_info(meta_info: dict, positions: Sequence[int], k: int, where: str = "sglang"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SGLang's ``meta_info["input_top_logprobs"]`` (``logprob_start_len=0``: entry i, a list
+    of ``(logprob, token_id, text)``, is for token i) -> the cache's top-k columns
+    ``(logprobs [n, k] float32, ids [n, k])`` at loss ``positions`` (position p: entry p+1).
+    The same conversion reads SGLang-shaped files in ``import-logprobs``."""
+    import numpy as np
+
+    from kubedistill.teacher.logprobs import select_topk, sglang_entries
+
+    return select_topk(sglang_entries(meta_info["input_top_logprobs"]),
+                       np.asarray(positions, dtype=np.int64), k, where)
+

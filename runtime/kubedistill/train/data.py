@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kubedistill.algorithms.base import MicroBatch
-from kubedistill.errors import ArtifactMismatch, DataError
+from kubedistill.errors import ArtifactMismatch, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,11 @@ class BatchBuilder:
     """Builds :class:`MicroBatch` es from sample indexes, joining teacher states by id.
 
     ``teacher`` is a ``TeacherCache`` (or anything with ``.get(sample_id)`` returning an
-    object with ``positions`` [n] and ``hidden`` [n, d]); its rows must be the positions
-    that predict a target, in order, one per target (checked; the error names the sample).
+    object with ``positions`` [n] and ``hidden`` [n, d] and/or ``topk_ids`` /
+    ``topk_logprobs`` [n, k]); its rows must be the positions that predict a target, in
+    order, one per target (checked; the error names the sample). A top-k-only cache fills
+    ``teacher_topk_*`` and leaves ``teacher_hidden`` None (packing and dynamic batches are
+    the same concatenation of rows); cross-tokenizer joins need hidden states.
 
     Cross-tokenizer splits (``split.ct_align``): the teacher rows are the teacher-side
     target positions, joined through the alignment instead: ``teacher_hidden`` holds every
@@ -241,6 +244,10 @@ class BatchBuilder:
         for b, (sid, i, pos) in enumerate(zip(batch.sample_ids, indices, positions,
                                               strict=True)):
             states = self.teacher.get(sid)
+            if states.hidden is None:
+                raise ConfigError("cross-tokenizer data needs teacher hidden states; this "
+                                  "teacher cache holds only top-k (teacher_signal topk): "
+                                  "rebuild it with teacher_signal hidden")
             t_pos = states.positions.cpu().numpy() if hasattr(states.positions, "cpu") \
                 else np.asarray(states.positions)
             t_pos = t_pos.astype(np.int64)
@@ -278,9 +285,9 @@ class BatchBuilder:
             states = self.teacher.get(sid)
             got = states.positions.cpu().numpy() if hasattr(states.positions, "cpu") \
                 else np.asarray(states.positions)
-            if len(got) != len(pos) or states.hidden.shape[0] != len(pos):
+            if len(got) != len(pos):
                 raise ArtifactMismatch(
-                    f"teacher cache sample {sid!r}: {states.hidden.shape[0]} hidden states for "
+                    f"teacher cache sample {sid!r}: {len(got)} cached positions for "
                     f"{len(pos)} student loss positions (same-tokenizer KD needs one per target)")
             if not np.array_equal(got.astype(np.int64), pos):
                 raise ArtifactMismatch(f"teacher cache sample {sid!r}: cached positions differ "
@@ -289,7 +296,8 @@ class BatchBuilder:
             if getattr(states, "topk_logprobs", None) is not None:
                 topk_lp.append(states.topk_logprobs)
                 topk_ids.append(states.topk_ids)
-        batch.teacher_hidden = torch.cat(hidden)
+        if all(h is not None for h in hidden):
+            batch.teacher_hidden = torch.cat(hidden)
         if topk_lp and len(topk_lp) == len(hidden):
             batch.teacher_topk_logprobs = torch.cat(topk_lp)
             batch.teacher_topk_ids = torch.cat(topk_ids)

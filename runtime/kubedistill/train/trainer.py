@@ -319,7 +319,7 @@ def _open_teacher(cfg: Config):
 
     cache = TeacherCache(cfg.teacher_cache_path, verify=cfg.cache.cache_verify)
     cache.check_key(expected_cache_key(cfg))
-    return cache, cache.head()
+    return cache, cache.head()  # head None for a top-k cache
 
 
 def _progress(total: int, initial: int, enabled: bool):
