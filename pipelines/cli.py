@@ -3,7 +3,9 @@
 compile: ``--pipeline NAME`` (or ``--all``) ``--target kind|gpu`` (``--all`` without
 ``--target``: both) ``--out DIR`` writes ``DIR/<pipeline>-<target>.yaml`` (KFP IR YAML) and
 prints each path. Options: ``--image`` (default ``$KUBEDISTILL_IMAGE`` or the release image),
-``--gpus-per-node`` (train's accelerator limit on ``gpu``), ``--toleration
+``--gpus-per-node`` (GPUs of one node on ``gpu``, default 8: the most one pod may request),
+``--recipe R`` and ``--set key=value`` (the run's config: it sizes the GPU stages, see
+:mod:`kubedistill.components.sizing`; without a recipe the defaults do), ``--toleration
 key[=value]:Effect`` and ``--node-selector key=value`` (GPU stages, repeatable), ``--env
 KEY=VALUE`` (plain env on every task; how a kind dev cluster's MinIO credentials reach the
 pods, since target kind uses no Secrets).
@@ -41,7 +43,7 @@ def _toleration(text: str) -> dict:
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="runtime image of every task")
     p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="GPUs of the train pod on target gpu")
+                   help="GPUs of one node on target gpu (default 8)")
     p.add_argument("--toleration", action="append", default=[], type=_toleration,
                    metavar="KEY[=VALUE]:EFFECT", help="toleration on GPU stages")
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", choices=list(TARGETS), default=None,
                       help="default: gpu (with --all: both)")
     comp.add_argument("--out", required=True, help="output folder")
+    comp.add_argument("--recipe", default=None, help="size the GPU stages for this recipe")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override (repeatable)")
     _target_args(comp)
     subm = sub.add_parser("submit", help="compile and start a run on a KFP server")
     subm.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8888")
@@ -82,13 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_config(recipe: str | None, sets: list[str] | None = None):
+    """The Config a run of ``recipe`` with ``--set`` overrides gets (None without a recipe)."""
+    if not recipe:
+        return None
+    from kubedistill.components.common import build_config
+
+    args = run_arguments(recipe, sets=sets)
+    return build_config(args["recipe"], args["overrides"])
+
+
 def _target(args: argparse.Namespace, name: str):
     from kubedistill.pipelines.targets import get_target
 
     selectors = dict(s.split("=", 1) for s in args.node_selector)
     env = dict(s.split("=", 1) for s in args.env)
     return get_target(name, image=args.image, gpus_per_node=args.gpus_per_node,
-                      tolerations=args.toleration, node_selector=selectors, env=env)
+                      tolerations=args.toleration, node_selector=selectors, env=env,
+                      cfg=run_config(args.recipe, args.set))
 
 
 def compile_pipeline(name: str, target, out_dir: str | os.PathLike) -> Path:
