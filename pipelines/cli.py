@@ -148,10 +148,12 @@ def _compile(args: argparse.Namespace) -> int:
 def _submit(args: argparse.Namespace, client_factory=None) -> int:
     import kfp
 
-    client = (client_factory or kfp.Client)(host=args.host)
     arguments = run_arguments(args.recipe, args.work_dir, args.num_shards, args.set)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(args.pipeline, _target(args, args.target), tmp)
+        print(f"compiled {args.pipeline} for target {args.target}: "
+              f"{package.stat().st_size} bytes", flush=True)
+        client = (client_factory or kfp.Client)(host=args.host)
         result = client.create_run_from_pipeline_package(
             str(package), arguments=arguments, run_name=args.run_name,
             experiment_name=args.experiment)
