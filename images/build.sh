@@ -5,9 +5,10 @@
 #   on PATH that builds with DOCKER_BUILDKIT=1 (CLIs before 23.0 do it without buildx).
 # - Base (cpu): $BASE_IMAGE (default python:3.11-slim) when it is present or can be pulled,
 #   else a local Debian bookworm base made by images/base.sh ($LOCAL_BASE_IMAGE).
-# - torch (cpu): when the building machine's pip can already get $TORCH_SPEC without the
-#   network (e.g. a local wheelhouse in its pip config), it is put in build/wheels and the
-#   build installs it from there; otherwise the build fetches it from $TORCH_INDEX.
+# - torch (cpu): $TORCH_SPEC (a +cpu build) goes into build/wheels, fetched by this
+#   machine's pip with its own configuration (a local wheelhouse, or an index that serves
+#   CPU builds: $TORCH_INDEX, e.g. PyTorch's CPU wheel index); the build installs it from
+#   there. Without a wheel there, the build fetches it from $TORCH_INDEX itself.
 # - A CA bundle ($CA_BUNDLE, default $PIP_CERT or $SSL_CERT_FILE) is passed as the BuildKit
 #   secret `cacert`: pip uses it, no layer keeps it.
 # - Network: the build runs with --network host (never a docker bridge).
@@ -58,12 +59,17 @@ if [[ "$KIND" == cpu ]]; then
   args+=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_SPEC=$TORCH_SPEC")
   mkdir -p "$ROOT/build/wheels"
   if ! ls "$ROOT"/build/wheels/torch-*.whl >/dev/null 2>&1; then
-    # Only what pip can get without a download (--no-index: its find-links, if any).
-    "$PYTHON" -m pip download -q --no-deps --no-index --only-binary=:all: \
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: \
+      ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} \
       --dest "$ROOT/build/wheels" "$TORCH_SPEC" >/dev/null 2>&1 \
-      && say "torch from the local wheelhouse: $(ls "$ROOT"/build/wheels/torch-*.whl)" \
-      || say "torch from the index in the build"
+      || say "this machine's pip cannot get $TORCH_SPEC; the build will use TORCH_INDEX"
   fi
+  if ! ls "$ROOT"/build/wheels/torch-*.whl >/dev/null 2>&1 && [[ -z "${TORCH_INDEX:-}" ]]; then
+    say "no $TORCH_SPEC wheel: set TORCH_INDEX to an index that serves CPU builds of torch" >&2
+    exit 2
+  fi
+  say "torch: $(ls "$ROOT"/build/wheels/torch-*.whl 2>/dev/null || echo "from $TORCH_INDEX")"
+  args+=(--build-arg "TORCH_INDEX=${TORCH_INDEX:-}")
 fi
 
 say "${builder[*]} ${args[*]} $ROOT"
