@@ -6,12 +6,14 @@ the way the chart runs pods:
 - the run directory is bind-mounted at its own absolute path, so the recipe's ``work_dir``,
   the stage outputs, KFP's pipeline root (inside it) and the local MLflow store (sqlite in
   it) are the same paths inside and outside;
-- no network (``network_mode="none"``; torchrun's rendezvous stays on loopback), so inputs
+- no network (``network_mode="none"``; hostname ``localhost``, so that torchrun's
+  rendezvous resolves its own host name without DNS and stays on loopback), so inputs
   come from the image (packaged models and data) or the run directory;
 - read-only root filesystem, a tmpfs ``/tmp`` that is also ``HOME``, every capability
   dropped, ``no-new-privileges``, a 1 GiB ``/dev/shm``;
 - non-root: the caller's uid:gid, or uid 1000 (the image's user) when the caller is root;
-  then the run directory is handed to uid 1000 so that the stages can write it.
+  then the run directory is handed to uid 1000, and for the run the caller's umask is 0 so
+  that the folders kfp.local makes there (one per run and task) are writable for it.
 
 :func:`docker_status` says whether a Docker daemon answers and the image is present
 (``None`` when it is, else the reason), so callers can fail early with a clear message.
@@ -19,6 +21,7 @@ the way the chart runs pods:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -52,19 +55,30 @@ def _hand_over(run_dir: Path, uid: int) -> None:
     os.chown(run_dir, uid, uid)
 
 
-def docker_runner(run_dir: Path):
-    """The DockerRunner for a run in ``run_dir`` (see the module docstring)."""
+@contextlib.contextmanager
+def docker_runner(run_dir: Path, pipeline_root: Path):
+    """The DockerRunner for a run in ``run_dir`` whose KFP pipeline root ``pipeline_root``
+    lies inside it, for the run (see the module docstring)."""
     import docker
     from kfp import local
 
     run_dir = Path(run_dir).resolve()
-    if os.getuid() == 0:
+    # Docker would make a missing bind-mount source itself, as root.
+    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
+    as_root = os.getuid() == 0
+    if as_root:
         user = f"{IMAGE_UID}:{IMAGE_UID}"
         _hand_over(run_dir, IMAGE_UID)
     else:
         user = f"{os.getuid()}:{os.getgid()}"
     mount = docker.types.Mount(target=str(run_dir), source=str(run_dir), type="bind")
-    return local.DockerRunner(
-        mounts=[mount], network_mode="none", read_only=True,
+    runner = local.DockerRunner(
+        mounts=[mount], network_mode="none", hostname="localhost", read_only=True,
         tmpfs={"/tmp": "rw,exec,size=4g"}, environment={"HOME": "/tmp"}, user=user,
         cap_drop=["ALL"], security_opt=["no-new-privileges"], shm_size="1g")
+    saved = os.umask(0) if as_root else None
+    try:
+        yield runner
+    finally:
+        if saved is not None:
+            os.umask(saved)

@@ -170,15 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_runner(runner: str, run_dir: Path):
-    """The kfp.local runner called ``runner`` for a run in ``run_dir``."""
+@contextlib.contextmanager
+def make_runner(runner: str, run_dir: Path, pipeline_root: Path):
+    """The kfp.local runner called ``runner`` for a run in ``run_dir``, for the run."""
     from kfp import local
 
     if runner == "docker":
         from kubedistill.pipelines.docker_runner import docker_runner
 
-        return docker_runner(run_dir)
-    return local.SubprocessRunner(use_venv=False)
+        with docker_runner(run_dir, pipeline_root) as docker:
+            yield docker
+    else:
+        yield local.SubprocessRunner(use_venv=False)
 
 
 def run(recipe: str, overrides: dict[str, Any] | None = None,
@@ -209,16 +212,17 @@ def run(recipe: str, overrides: dict[str, Any] | None = None,
         with contextlib.redirect_stdout(progress), contextlib.redirect_stderr(progress), \
                 _root_logging_to(progress), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-            local.init(runner=make_runner(runner, run_dir),
-                       pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
-            job = build(pipeline, get_target("local", image=image))
-            try:
-                job(recipe=recipe_text, overrides=json.dumps(overrides),
-                    work_dir=str(run_dir), num_shards=cfg.cache.num_shards)
-                ok = True
-            except RuntimeError as exc:
-                log.write(f"\n{exc}\n")
-                ok = False
+            with make_runner(runner, run_dir, run_dir / "kfp") as kfp_runner:
+                local.init(runner=kfp_runner, pipeline_root=str(run_dir / "kfp"),
+                           raise_on_error=True)
+                job = build(pipeline, get_target("local", image=image))
+                try:
+                    job(recipe=recipe_text, overrides=json.dumps(overrides),
+                        work_dir=str(run_dir), num_shards=cfg.cache.num_shards)
+                    ok = True
+                except RuntimeError as exc:
+                    log.write(f"\n{exc}\n")
+                    ok = False
     if not ok:
         trace = last_traceback(log_path.read_text())
         if trace:
