@@ -128,3 +128,27 @@ def test_compile_refuses_a_recipe_that_cannot_fit(tmp_path):
     with pytest.raises(ConfigError, match="teacher_tp_size"):
         main(["compile", "--pipeline", "off_policy_kd", "--target", "gpu", "--out",
               str(tmp_path), "--recipe", str(recipe), "--gpus-per-node", "4"])
+
+
+def test_submit_sizes_the_run_it_submits(tmp_path):
+    """submit compiles for the recipe and its --set overrides, then hands that package over."""
+    from kubedistill.pipelines import cli
+
+    recipe = tmp_path / "tp.yaml"
+    recipe.write_text(TP4_DP2)
+    sent = {}
+
+    class Client:
+        def __init__(self, host):
+            pass
+
+        def create_run_from_pipeline_package(self, path, arguments, run_name, experiment_name):
+            sent["docs"] = list(yaml.safe_load_all(Path(path).read_text()))
+            return type("R", (), {"run_id": "run-1"})()
+
+    args = cli.build_parser().parse_args(
+        ["submit", "--host", "http://kfp:8888", "--recipe", str(recipe),
+         "--set", "teacher_dp_size=1"])
+    assert cli._submit(args, client_factory=Client) == 0
+    execs = sent["docs"][0]["deploymentSpec"]["executors"]
+    assert (_gpus(execs, "cache-teacher"), _gpus(execs, "train")) == (4, 8)
