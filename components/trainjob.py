@@ -2,7 +2,8 @@
 
 :func:`trainjob_manifest` is pure: Config -> the ``trainer.kubeflow.org/v1alpha1`` TrainJob
 dict (runtimeRef ``ClusterTrainingRuntime/torch-distributed``, ``trainer.numNodes``,
-``trainer.resourcesPerNode``, image, ``command: [kubedistill, train, --key, value, ...]``
+``trainer.resourcesPerNode`` (the GPUs of one train pod,
+:func:`kubedistill.components.sizing.train_pod_gpus`), image, ``command: [kubedistill, train, --key, value, ...]``
 carrying every field that differs from the defaults, and env). The torch-distributed
 runtime sets ``PET_NNODES``/``PET_NODE_RANK``/``PET_MASTER_ADDR``/``PET_MASTER_PORT``, which
 ``torchrun`` (launched by ``kubedistill train``) reads as its defaults.
@@ -19,6 +20,7 @@ import re
 import time
 from typing import Any
 
+from kubedistill.components.sizing import train_pod_gpus
 from kubedistill.config import Config
 from kubedistill.errors import KubedistillError
 
@@ -66,9 +68,10 @@ def trainjob_manifest(cfg: Config, *, name: str, image: str, namespace: str | No
     """The TrainJob for ``cfg`` (``cfg.train.num_nodes`` nodes); see the module docstring."""
     limits: dict[str, Any] = {}
     requests: dict[str, Any] = {}
-    on_gpu = cfg.train.device != "cpu" and cfg.train.num_gpus_per_node > 0
+    pod_gpus = train_pod_gpus(cfg)
+    on_gpu = pod_gpus > 0
     if on_gpu:
-        limits[accelerator] = cfg.train.num_gpus_per_node
+        limits[accelerator] = pod_gpus
     if cpu:
         requests["cpu"] = cpu
     if memory:

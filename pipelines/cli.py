@@ -3,7 +3,9 @@
 compile: ``--pipeline NAME`` (or ``--all``) ``--target kind|gpu`` (``--all`` without
 ``--target``: both) ``--out DIR`` writes ``DIR/<pipeline>-<target>.yaml`` (KFP IR YAML) and
 prints each path. Options: ``--image`` (default ``$KUBEDISTILL_IMAGE`` or the release image),
-``--gpus-per-node`` (train's accelerator limit on ``gpu``), ``--toleration
+``--gpus-per-node`` (GPUs of one node on ``gpu``, default 8: the most one pod may request),
+``--recipe R`` and ``--set key=value`` (the run's config: it sizes the GPU stages, see
+:mod:`kubedistill.components.sizing`; without a recipe the defaults do), ``--toleration
 key[=value]:Effect`` and ``--node-selector key=value`` (GPU stages, repeatable), ``--env
 KEY=VALUE`` (plain env on every task; how a kind dev cluster's MinIO credentials reach the
 pods, since target kind uses no Secrets).
@@ -42,7 +44,7 @@ def _toleration(text: str) -> dict:
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=None, help="runtime image of every task")
     p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="GPUs of the train pod on target gpu")
+                   help="GPUs of one node on target gpu (default 8)")
     p.add_argument("--toleration", action="append", default=[], type=_toleration,
                    metavar="KEY[=VALUE]:EFFECT", help="toleration on GPU stages")
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
@@ -65,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--target", choices=list(TARGETS), default=None,
                       help="default: gpu (with --all: both)")
     comp.add_argument("--out", required=True, help="output folder")
+    comp.add_argument("--recipe", default=None, help="size the GPU stages for this recipe")
+    comp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override (repeatable)")
     _target_args(comp)
     subm = sub.add_parser("submit", help="compile and start a run on a KFP server; any "
                           "other --flag is a config key (KDFlow's flags included)",
@@ -85,13 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _target(args: argparse.Namespace, name: str):
+def run_config(arguments: dict | None):
+    """The Config a run with these pipeline ``arguments`` (:func:`run_arguments`) gets."""
+    if arguments is None:
+        return None
+    from kubedistill.components.common import build_config
+
+    return build_config(arguments["recipe"], arguments["overrides"])
+
+
+def _target(args: argparse.Namespace, name: str, arguments: dict | None = None):
+    """Target ``name`` with the CLI's placement options, its GPU stages sized for the run
+    that ``arguments`` describe (unsized without them)."""
     from kubedistill.pipelines.targets import get_target
 
     selectors = dict(s.split("=", 1) for s in args.node_selector)
     env = dict(s.split("=", 1) for s in args.env)
     return get_target(name, image=args.image, gpus_per_node=args.gpus_per_node,
-                      tolerations=args.toleration, node_selector=selectors, env=env)
+                      tolerations=args.toleration, node_selector=selectors, env=env,
+                      cfg=run_config(arguments))
 
 
 def compile_pipeline(name: str, target, out_dir: str | os.PathLike) -> Path:
@@ -132,8 +149,9 @@ def _compile(args: argparse.Namespace) -> int:
 
     names = PIPELINES if args.all else (args.pipeline,)
     targets = [args.target] if args.target else (["kind", "gpu"] if args.all else ["gpu"])
+    arguments = run_arguments(args.recipe, sets=args.set) if args.recipe else None
     for target_name in targets:
-        target = _target(args, target_name)
+        target = _target(args, target_name, arguments)
         for name in names:
             print(compile_pipeline(name, target, args.out))
     return 0
@@ -161,9 +179,11 @@ def _submit(args: argparse.Namespace, client_factory=None, flags: list[str] | No
 def _submit_to(args: argparse.Namespace, arguments: dict, client_factory=None) -> int:
     import kfp
 
-    client = (client_factory or kfp.Client)(host=args.host)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(args.pipeline, _target(args, args.target), tmp)
+        package = compile_pipeline(args.pipeline, _target(args, args.target, arguments), tmp)
+        print(f"compiled {args.pipeline} for target {args.target}: "
+              f"{package.stat().st_size} bytes", flush=True)
+        client = (client_factory or kfp.Client)(host=args.host)
         result = client.create_run_from_pipeline_package(
             str(package), arguments=arguments, run_name=args.run_name,
             experiment_name=args.experiment)

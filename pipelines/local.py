@@ -1,7 +1,10 @@
 """``kubedistill run RECIPE [--pipeline NAME] [--key value ...]``: a whole pipeline, locally.
 
-The same KFP pipeline as on a cluster, executed by ``kfp.local`` with
-``SubprocessRunner(use_venv=False)`` in this Python environment (no cluster, no Docker).
+The same KFP pipeline as on a cluster, executed by ``kfp.local``: with ``--runner
+subprocess`` (the default) by ``SubprocessRunner(use_venv=False)`` in this Python
+environment (no cluster, no Docker); with ``--runner docker`` by ``DockerRunner``, each stage
+in its own container of the runtime image (``--image``, default ``$KUBEDISTILL_IMAGE`` or the
+release image; :mod:`kubedistill.pipelines.docker_runner`).
 Config overrides use the stage CLI's spelling (``--max_samples 64``); ``--num_shards`` sets
 the teacher fan-out. Everything lands in one run directory, the recipe's ``work_dir``:
 stage outputs, ``kfp/`` (KFP's artifacts), ``pipeline.log`` (everything kfp.local and the
@@ -161,13 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="run a whole pipeline locally (kfp.local)")
     p.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
     p.add_argument("--pipeline", choices=PIPELINES, default="off_policy_kd")
+    p.add_argument("--runner", choices=("subprocess", "docker"), default="subprocess",
+                   help="docker: each stage in its own container of --image")
+    p.add_argument("--image", default=None, help="runtime image (--runner docker)")
     return p
 
 
+@contextlib.contextmanager
+def make_runner(runner: str, run_dir: Path, pipeline_root: Path):
+    """The kfp.local runner called ``runner`` for a run in ``run_dir``, for the run."""
+    from kfp import local
+
+    if runner == "docker":
+        from kubedistill.pipelines.docker_runner import docker_runner
+
+        with docker_runner(run_dir, pipeline_root) as docker:
+            yield docker
+    else:
+        yield local.SubprocessRunner(use_venv=False)
+
+
 def run(recipe: str | None, overrides: dict[str, Any] | None = None,
-        pipeline: str = "off_policy_kd", out=None) -> tuple[bool, Path]:
+        pipeline: str = "off_policy_kd", out=None, runner: str = "subprocess",
+        image: str | None = None) -> tuple[bool, Path]:
     """Run ``pipeline`` for ``recipe`` (None: the overrides alone, as KDFlow's entry points
-    pass them) under kfp.local; return (succeeded, run_dir)."""
+    pass them) under kfp.local with ``runner`` (subprocess | docker); return (succeeded,
+    run_dir)."""
     from kfp import local
 
     from kubedistill.components.common import build_config
@@ -192,16 +214,17 @@ def run(recipe: str | None, overrides: dict[str, Any] | None = None,
         with contextlib.redirect_stdout(progress), contextlib.redirect_stderr(progress), \
                 _root_logging_to(progress), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-            local.init(runner=local.SubprocessRunner(use_venv=False),
-                       pipeline_root=str(run_dir / "kfp"), raise_on_error=True)
-            job = build(pipeline, get_target("local"))
-            try:
-                job(recipe=recipe_text, overrides=json.dumps(overrides),
-                    work_dir=str(run_dir), num_shards=cfg.cache.num_shards)
-                ok = True
-            except RuntimeError as exc:
-                log.write(f"\n{exc}\n")
-                ok = False
+            with make_runner(runner, run_dir, run_dir / "kfp") as kfp_runner:
+                local.init(runner=kfp_runner, pipeline_root=str(run_dir / "kfp"),
+                           raise_on_error=True)
+                job = build(pipeline, get_target("local", image=image))
+                try:
+                    job(recipe=recipe_text, overrides=json.dumps(overrides),
+                        work_dir=str(run_dir), num_shards=cfg.cache.num_shards)
+                    ok = True
+                except RuntimeError as exc:
+                    log.write(f"\n{exc}\n")
+                    ok = False
     failure = failed_stage(progress.events) if not ok else None
     if failure is not None and failure.get("exit_code", 1) != 1:
         out.write(f"  error: {failure.get('error', '')}\n")  # documented: one line
@@ -238,5 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     artifact mismatch, 5 service, 130 interrupted; see kubedistill.errors)."""
     args, rest = build_parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ok, run_dir = run(args.recipe, parse_overrides(rest), args.pipeline)
+    if args.runner == "docker":
+        from kubedistill.components.stages import IMAGE
+        from kubedistill.pipelines.docker_runner import docker_status
+
+        args.image = args.image or IMAGE
+        problem = docker_status(args.image)
+        if problem:
+            sys.stderr.write(f"kubedistill run --runner docker: {problem}\n")
+            return 2
+    ok, run_dir = run(args.recipe, parse_overrides(rest), args.pipeline, runner=args.runner,
+                      image=args.image)
     return 0 if ok else exit_code(run_dir)

@@ -6,7 +6,11 @@ task with the stage's role and never touch kfp-kubernetes themselves.
 - ``kind``: CPU only. Small requests, plain env (in-cluster MLflow and the KFP object
   store's dev endpoint), no accelerators, no ``/dev/shm``, no secrets.
 - ``gpu``: ``nvidia.com/gpu`` on cache-teacher/train/evaluate (``set_accelerator_type`` +
-  ``set_accelerator_limit``), ``/dev/shm`` as a memory emptyDir on GPU stages (NCCL and
+  ``set_accelerator_limit``), as many as the recipe needs (:func:`sized`, from
+  :func:`kubedistill.components.sizing.gpu_plan` on nodes of ``node_gpus`` GPUs: teacher
+  ``tp x pp x dp`` on cache-teacher and evaluate, ``num_gpus_per_node`` on train, none on a
+  train task that launches a multi-node TrainJob, the colocated engines on on-policy train),
+  ``/dev/shm`` as a memory emptyDir on GPU stages (NCCL and
   torch dataloaders need more than the 64 MiB default), S3 and MLflow credentials from
   Secrets as env vars, optional tolerations and node selectors on GPU stages.
 
@@ -29,6 +33,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
+
+from kubedistill.components.sizing import gpu_plan
+from kubedistill.config import Config
 
 GPU_STAGES = ("cache-teacher", "train", "evaluate")
 RETRY = {"prepare": 2, "cache-teacher": 3, "evaluate": 2, "register": 3}
@@ -63,12 +70,14 @@ class Target:
     node_selector: dict[str, str] = field(default_factory=dict)
     retries: bool = True
     image_pull_policy: str | None = None
+    node_gpus: int = 0  # GPUs of one node: the most one pod may request
 
     def replace(self, **changes) -> Target:
         return dataclasses.replace(self, **changes)
 
 
 _SMALL = Resources("500m", "1Gi")
+LAUNCHER = Resources("500m", "2Gi")
 KIND = Target(
     name="kind",
     image="",
@@ -88,6 +97,7 @@ GPU = Target(
                "evaluate": Resources("8", "64Gi", 1), "register": Resources("2", "8Gi"),
                "promote": _SMALL, "open-run": _SMALL, "close-run": _SMALL},
     accelerator_type="nvidia.com/gpu",
+    node_gpus=8,
     shm_size="16Gi",
     env={"MLFLOW_TRACKING_URI": "http://kubedistill-mlflow.kubeflow.svc.cluster.local:5000"},
     secrets={"kubedistill-s3": S3_SECRET_ENV, "kubedistill-mlflow": MLFLOW_SECRET_ENV},
@@ -98,21 +108,37 @@ LOCAL = Target(name="local", image="", resources={}, retries=False)
 TARGETS = {"kind": KIND, "gpu": GPU}
 
 
+def sized(target: Target, cfg: Config) -> Target:
+    """``target`` with the GPU counts of ``cfg``'s plan on its GPU stages (a target without
+    accelerators is returned as it is). Raises ConfigError when the recipe cannot fit."""
+    if not target.accelerator_type:
+        return target
+    plan = gpu_plan(cfg, target.node_gpus)
+    gpus = {"cache-teacher": plan.teacher, "evaluate": plan.teacher, "train": plan.train}
+    res = dict(target.resources)
+    for stage, count in gpus.items():
+        res[stage] = dataclasses.replace(res[stage], gpus=count)
+    if plan.uses_trainjob:  # the train task only creates the TrainJob and waits
+        res["train"] = LAUNCHER
+    return target.replace(resources=res)
+
+
 def get_target(name: str, image: str | None = None, gpus_per_node: int | None = None,
                tolerations: list[dict] | None = None,
                node_selector: dict[str, str] | None = None,
-               env: dict[str, str] | None = None) -> Target:
-    """A named target with the compile-time options applied (``env`` adds plain env vars:
-    e.g. a dev object store's credentials on ``kind``, which has no Secrets)."""
+               env: dict[str, str] | None = None, cfg: Config | None = None) -> Target:
+    """A named target with the compile-time options applied: ``gpus_per_node`` is the GPUs
+    of one node, ``cfg`` the run's config that sizes the GPU stages (default: the defaults'
+    config), ``env`` plain env vars (e.g. a dev object store's credentials on ``kind``,
+    which has no Secrets)."""
     from kubedistill.components.stages import IMAGE
 
     if name not in TARGETS and name != "local":
         raise ValueError(f"unknown target '{name}'; choose one of {', '.join(TARGETS)}")
     target = (LOCAL if name == "local" else TARGETS[name]).replace(image=image or IMAGE)
     if gpus_per_node is not None and target.accelerator_type:
-        res = dict(target.resources)
-        res["train"] = dataclasses.replace(res["train"], gpus=gpus_per_node)
-        target = target.replace(resources=res)
+        target = target.replace(node_gpus=gpus_per_node)
+    target = sized(target, cfg if cfg is not None else Config())
     if tolerations:
         target = target.replace(tolerations=tuple(tolerations))
     if node_selector:

@@ -107,11 +107,13 @@ def test_pipeline_run_job_submits_the_recipe(helm_bin):
     cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert cmd[:3] == ["kubedistill", "pipeline", "submit"] and "--wait" in cmd
     assert cmd[cmd.index("--recipe") + 1] == "/recipes/quickstart.yaml"
+    assert cmd[cmd.index("--gpus-per-node") + 1] == "8"  # sizes the GPU stages' requests
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     assert "quickstart.yaml" in cm["data"]
 
 
 @pytest.mark.parametrize("bad", ["mlflow.port=abc", "pipelineRun.numShards=two",
+                                 "pipelineRun.gpusPerNode=0",
                                  "mlflow.backend.type=mysql", "rbac.create=maybe"])
 def test_schema_rejects_wrong_types(helm_bin, bad):
     out = _template(helm_bin, "--set-string" if "create" in bad else "--set", bad,
