@@ -79,6 +79,21 @@ def write_splits(out_dir: str, splits_rows: dict[str, list[dict]]) -> str:
     return out_dir
 
 
+def random_splits(out_dir: str, sizes: dict[str, int], length: int, prompt_len: int,
+                  seed: int = 0) -> str:
+    """Random-token rows (ids 100..399, the first ``prompt_len`` positions masked out) for
+    tests that need prepared data but no real text, written with :func:`write_splits`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return write_splits(out_dir, {
+        split: [{"id": f"{split}:{i}", "input_ids": rng.integers(100, 400, length).tolist(),
+                 "prompt_len": prompt_len, "response": "",
+                 "loss_mask": [0] * prompt_len + [1] * (length - prompt_len)}
+                for i in range(n)]
+        for split, n in sizes.items()})
+
+
 def write_prepared(out_dir: str, tokenizer_dir: str, n_train: int = 32, n_eval: int = 8,
                    max_tokens: int = 64, teacher_variant: bool = False) -> str:
     """GSM8K rows (see the module doc) written with :func:`write_splits`; returns

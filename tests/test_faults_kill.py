@@ -52,20 +52,10 @@ def _wait_gone(pids: list[int], seconds: float = 30) -> list[int]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    import numpy as np
-    import pyarrow.parquet as pq
+    from _prepared import random_splits
 
-    from kubedistill.data.prepared import to_table
-
-    rng, root = np.random.default_rng(0), tmp_path_factory.mktemp("prepared")
-    for split, n in (("train", 64), ("eval", 4)):
-        rows = []
-        for i in range(n):
-            ids = rng.integers(100, 400, 40).tolist()
-            rows.append({"id": f"{split}:{i}", "input_ids": ids, "prompt_len": 8,
-                         "loss_mask": [0] * 8 + [1] * 32, "response": ""})
-        pq.write_table(to_table(rows), root / f"{split}.parquet")
-    return str(root)
+    return random_splits(str(tmp_path_factory.mktemp("prepared")),
+                         {"train": 64, "eval": 4}, length=40, prompt_len=8)
 
 
 def test_group_sigkill_of_train_leaves_no_worker(tmp_path, tiny_model_dir, prepared):

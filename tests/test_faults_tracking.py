@@ -46,20 +46,10 @@ def quick_tracking(monkeypatch):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> str:
-    import numpy as np
-    import pyarrow.parquet as pq
+    from _prepared import random_splits
 
-    from kubedistill.data.prepared import to_table
-
-    rng, root = np.random.default_rng(0), tmp_path_factory.mktemp("prepared")
-    for split, n in (("train", 32), ("eval", 4)):
-        rows = []
-        for i in range(n):
-            ids = rng.integers(100, 400, 24).tolist()
-            rows.append({"id": f"{split}:{i}", "input_ids": ids, "prompt_len": 4,
-                         "loss_mask": [0] * 4 + [1] * 20, "response": ""})
-        pq.write_table(to_table(rows), root / f"{split}.parquet")
-    return str(root)
+    return random_splits(str(tmp_path_factory.mktemp("prepared")),
+                         {"train": 32, "eval": 4}, length=24, prompt_len=4)
 
 
 def _history(client: MlflowClient, run_id: str) -> dict[tuple[str, int], float]:
