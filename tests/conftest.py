@@ -59,6 +59,20 @@ def no_distributed_env_leak(request):
         pytest.fail(f"{request.node.nodeid} leaked distributed env: {drift}", pytrace=False)
 
 
+
+@pytest.fixture
+def world_of_one():
+    """A gloo world of one in this process, for ONE test. ``init_distributed`` sets
+    RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, which make ``launch.under_torchrun()`` true, so the
+    process group is closed and the environment put back before the leak guard looks."""
+    from kubedistill.train.fsdp import close, init_distributed
+
+    env = init_distributed("cpu")
+    assert env.world_size == 1
+    yield env
+    close()
+    _restore_env()
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

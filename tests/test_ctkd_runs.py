@@ -228,15 +228,21 @@ def test_dskd_run_killed_after_step_1_resumes_to_the_same_run(dskd_runs, base):
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-6
 
 
-@pytest.mark.parametrize("algorithm, align", [("simple_ctkd", "eta"), ("dskd", "eta"),
-                                              ("dskd", "cma")])
-def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm, align):
+# measured (seed 3, 2 steps): aligned 0.958 / 0.958 (simple_ctkd), 0.958 / 0.917 (dskd eta:
+# only pairs whose teacher top-1 is in the shared vocabulary count), 1.0 (dskd cma); KD term
+# 0.0214 / 0.0212, 0.0092 / 0.0087, 0.0254 / 0.0248
+@pytest.mark.parametrize("algorithm, align, kd_band, min_aligned", [
+    ("simple_ctkd", "eta", (0.015, 0.03), 0.95),
+    ("dskd", "eta", (0.006, 0.013), 0.9),
+    ("dskd", "cma", (0.018, 0.035), 0.99)])
+def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm, align, kd_band,
+                                       min_aligned):
     """On-policy with a teacher of another tokenizer: the student's samples are re-tokenized
     for the live Qwen-tokenizer teacher and aligned; the KD term and the per-iteration
     diagnostics (on the aligned tokens, shared sub-vocabulary) are real numbers."""
     from kubedistill.train.launch import train
 
-    wd = tmp_path / algorithm
+    wd = tmp_path / f"{algorithm}-{align}"
     cfg = make(base, kd_algorithm=algorithm, dskd_token_align=align, rollout_num_engines=1,
                rollout_backend="hf", rollout_batch_size=2, n_samples_per_prompt=2,
                generate_max_len=12, temperature=1.0, prompt_max_len=200, max_steps=2,
@@ -248,12 +254,11 @@ def test_on_policy_cross_tokenizer_run(prepared, base, tmp_path, algorithm, alig
     steps = [r for r in rows if "train/loss" in r]
     iters = [r for r in rows if "iteration" in r]
     assert len(steps) == 2 and len(iters) == 2
-    # measured (seed 3, both algorithms): aligned 0.958 at both steps; KD term 0.021
-    # (simple_ctkd) / 0.028 (dskd); diagnostics KL 0.022, top-1 agreement 0.76 and 0.72
-    # (random tiny models: both near uniform, hence the small KL)
+    # diagnostics (the same samples for every algorithm): KL 0.022, top-1 agreement 0.76 and
+    # 0.72 (random tiny models: both near uniform, hence the small KL)
     for r in steps:
-        assert 0.95 < r["train/aligned"] <= 1.0
-        assert 0.01 < r["train/kd"] < 0.06
+        assert min_aligned < r["train/aligned"] <= 1.0
+        assert kd_band[0] < r["train/kd"] < kd_band[1]
     for r in iters:
         assert 0.01 < r["onpolicy/kl"] < 0.05 and 0.6 < r["onpolicy/top1_agree"] < 0.9
     assert os.path.exists(wd / "model" / "model.safetensors")

@@ -257,15 +257,14 @@ def test_unsupported_flags_fail_naming_why(flags, reason):
         load_config(None, flags)
 
 
-def test_cpu_offload_and_liger_refused_on_a_cpu_mesh():
+def test_cpu_offload_and_liger_refused_on_a_cpu_mesh(world_of_one):
     import torch
     from torch.distributed.device_mesh import init_device_mesh
 
-    from kubedistill.train.fsdp import init_distributed, shard
+    from kubedistill.train.fsdp import shard
     from kubedistill.train.liger import apply_liger_kernels
 
-    env = init_distributed("cpu")
-    mesh = init_device_mesh("cpu", (env.world_size,))
+    mesh = init_device_mesh("cpu", (world_of_one.world_size,))
     with pytest.raises(ConfigError, match="cpu_offload needs CUDA"):
         shard(torch.nn.Linear(2, 2), [], mesh, None, cpu_offload=True)
     with pytest.raises(ConfigError, match="Triton kernels do not run on cpu"):
@@ -342,14 +341,14 @@ def test_full_determinism_turns_on_deterministic_kernels():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_use_reentrant_reaches_the_model(tiny_model_dir, reentrant):
-    from kubedistill.train.fsdp import init_distributed
+def test_gradient_checkpointing_use_reentrant_reaches_the_model(tiny_model_dir, reentrant,
+                                                               world_of_one):
     from kubedistill.train.student import load_student
 
     cfg = load_config(None, {"gradient_checkpointing": True, "device": "cpu",
                              "gradient_checkpointing_use_reentrant": reentrant,
                              "attn_implementation": "sdpa"})
-    model, _ = load_student(tiny_model_dir, cfg, init_distributed("cpu"))
+    model, _ = load_student(tiny_model_dir, cfg, world_of_one)
     layer = model.model.layers[0]
     assert layer.gradient_checkpointing is True
     assert layer._gradient_checkpointing_func.keywords["use_reentrant"] is reentrant

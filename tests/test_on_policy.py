@@ -157,25 +157,6 @@ def test_ema_update_and_buckets():
 
 
 # ---- the loop in-process (a world of one) ---------------------------------------------------
-@pytest.fixture
-def world_of_one():
-    """A gloo world of one in this process, for ONE test: ``init_distributed`` sets
-    RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, which make ``launch.under_torchrun()`` true, so they
-    must be gone before any later test calls ``train()`` (conftest fails a test that leaks)."""
-    from kubedistill.train.fsdp import close, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    env = init_distributed("cpu")
-    yield env
-    close()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
 def _iterate(trainer, n: int, check) -> None:
     from kubedistill.train.trainer import _progress
 

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -38,23 +36,6 @@ def base(tiny_model_dir, tiny_teacher_dir, prepared) -> dict:
                 kd_loss_fn="rkl", kd_ratio=1.0, num_gpus_per_node=1, train_batch_size=4,
                 micro_train_batch_size=2, learning_rate=5e-3, lr_warmup_ratio=0.0,
                 chunked_loss_size=16, seed=5, tracking_uri="off", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    from kubedistill.train.fsdp import close, init_distributed
-
-    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    saved = {k: os.environ.get(k) for k in keys}
-    env = init_distributed("cpu")
-    assert env.world_size == 1
-    yield env
-    close()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_pool_splits_prompts_across_engines(tiny_model_dir):

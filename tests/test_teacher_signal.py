@@ -68,6 +68,7 @@ def test_top_k_only_batches_carry_top_k_rows_in_loss_order(packing):
 
 
 def test_vanilla_kd_reads_the_top_k_signal_without_a_head():
+    """kd_scale 1: no T^2 factor unless kd_temperature_squared (KDFlow's default)."""
     cfg = _cfg(kd_ratio=0.8, kd_loss_fn="rkl", kd_topk_mode="renorm", kd_temperature=2.0,
                chunked_loss_size=5)
     algo = ALGORITHMS["vanilla_kd"](cfg, teacher_head=None)
@@ -81,7 +82,7 @@ def test_vanilla_kd_reads_the_top_k_signal_without_a_head():
     out = algo(mb, hidden, weight, normalizer=float(mb.num_loss_tokens))
     ref = fused_kd_loss(hidden, weight, mb.target_ids, loss_fn=topk_loss("rkl", "renorm"),
                         teacher_topk=TopK(mb.teacher_topk_ids, mb.teacher_topk_logprobs),
-                        kd_ratio=0.8, temperature=2.0, kd_scale=4.0, chunk_size=None,
+                        kd_ratio=0.8, temperature=2.0, kd_scale=1.0, chunk_size=None,
                         hparams={"jsd_beta": 0.5, "skew_lambda": 0.1, "adaptive_alpha": 0.5,
                                  "hrl_topk": 5})
     torch.testing.assert_close(out["loss"], ref.loss)

@@ -164,7 +164,7 @@ def test_teacher_row_count_mismatch_names_the_sample(real_cache):
     changed = data.PreparedSplit(list(split.ids), split.tokens, mask, split.offsets)
     data.BatchBuilder(changed, pad_id=0, packing=False, teacher=cache).build([0, 2])  # intact
     builder = data.BatchBuilder(changed, pad_id=0, packing=False, teacher=cache)
-    with pytest.raises(ArtifactMismatch, match="'s:1': .* hidden states for .* student loss"):
+    with pytest.raises(ArtifactMismatch, match="'s:1': .* cached positions for .* student loss"):
         builder.build([0, 1])
 
 

@@ -103,6 +103,7 @@ FIELD_RULES: dict[str, Rule] = {
     "eval_steps": OFF_OR_POSITIVE, "save_steps": OFF_OR_POSITIVE, "seed": NON_NEGATIVE,
     "max_token_len_per_gpu": NON_NEGATIVE, "chunked_loss_size": POSITIVE,
     "max_steps": OFF_OR_POSITIVE, "device": choice("auto", "cpu", "cuda"),
+    "local_rank": Rule(low=-1), "max_ckpt_num": OFF_OR_POSITIVE,
     # fsdp
     "fsdp_size": OFF_OR_POSITIVE,
     # kd
