@@ -16,6 +16,8 @@ model at ``cfg.train.save_path`` and writes, under ``{work_dir}/eval/``:
   (rouge), also as ``eval_task_score``; the teacher's ``teacher_eval_*``; ``score`` =
   metrics[eval_metric], ``score_metric``, ``higher_is_better``, ``eval_data_hash``,
   ``data_hash``.
+  Written last, it marks the stage complete; an earlier run's copy is removed when the stage
+  starts, so a killed run leaves none.
 - ``generations.jsonl``: id, prompt, reference, student_output, teacher_output, correct
   (gsm8k; None for rouge), rouge_l (rouge).
 - ``teacher_baseline-<key>.json``: the teacher's scores, computed once per teacher weights +
@@ -177,6 +179,8 @@ def _evaluate(cfg: Config, tracker) -> dict[str, Any]:
     task = M.resolve_task(cfg.eval.eval_task, (r.get("label") for r in rows))
     data_hash = eval_data_hash(file_sha, task, cfg)
     out_dir = storage.join(cfg.storage.work_dir, "eval")
+    metrics_uri = storage.join(out_dir, "metrics.json")
+    _drop_stale(metrics_uri)
     load_kw = {"device": device, "dtype": dtype, "cache_dir": cfg.storage.model_cache_dir,
                "attn_implementation": cfg.model.attn_implementation}
 
@@ -247,13 +251,21 @@ def _evaluate(cfg: Config, tracker) -> dict[str, Any]:
             "teacher_output": teacher_texts.get(r["id"]),
             "correct": bool(per[i]) if task == "gsm8k" else None,
             "rouge_l": per[i] if task == "rouge" else None})
-    storage.write_json_atomic(storage.join(out_dir, "metrics.json"), metrics)
     storage.write_bytes_atomic(storage.join(out_dir, "generations.jsonl"),
                                "".join(json.dumps(t) + "\n" for t in table).encode())
+    storage.write_json_atomic(metrics_uri, metrics)  # last: the stage's completion marker
     _log(tracker, metrics, table)
     log.info("evaluate: %s = %.4f (%s)", cfg.eval.eval_metric, metrics["score"],
              "higher is better" if higher else "lower is better")
     return metrics
+
+
+def _drop_stale(metrics_uri: str) -> None:
+    """Remove an earlier run's metrics.json: while this run works (or after it is killed)
+    no score may look complete for a model it has not scored."""
+    if storage.exists(metrics_uri):
+        fs, path = storage.filesystem(metrics_uri)
+        fs.rm(path)
 
 
 def _prepared_data_hash(cfg: Config) -> str | None:
