@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,10 +177,11 @@ def _registry_recipe(tmp_path, url: str, model: str, name: str, metrics: dict,
     return _recipe(tmp_path / "r.yaml", student_name_or_path=tiny_model_dir,
                    save_path=tiny_model_dir, teacher_name_or_path=tiny_teacher_dir,
                    work_dir=str(work), tracking_uri=url, registered_model_name=model,
-                   pipeline_run_id=f"pr-{name}", name=name)
+                   pipeline_run_id=f"pr-{name}", name=name,
+                   experiment_name=f"kill-late-{model}")
 
 
-@pytest.mark.parametrize("target", ["mlflow:MlflowClient.create_model_version",
+@pytest.mark.parametrize("target", ["mlflow:MlflowClient._create_model_version",
                                     "mlflow:MlflowClient.set_registered_model_alias"])
 def test_sigkill_of_register_then_rerun_gives_one_version(tmp_path, server, metrics_json,
                                                           tiny_model_dir, tiny_teacher_dir,
@@ -190,13 +192,13 @@ def test_sigkill_of_register_then_rerun_gives_one_version(tmp_path, server, metr
 
     from kubedistill.tracking.registry import TAG_KEY
 
-    model = f"kill-reg-{target.rsplit('.', 1)[1]}"
+    model = f"kill-reg{target.rsplit('.', 1)[1]}".replace("_", "-")
     recipe = _registry_recipe(tmp_path, server.url, model, "reg", metrics_json,
                               tiny_model_dir, tiny_teacher_dir)
     client = MlflowClient(server.url, server.url)
     _killed_at(target, "", "register", recipe)
     before = client.search_model_versions(f"name='{model}'")
-    assert len(before) == (0 if target.endswith("create_model_version") else 1)
+    assert len(before) == (0 if target.endswith("_create_model_version") else 1)
     assert not (tmp_path / "w" / "registry" / "registration.json").exists()
     _ok("register", recipe)
 
@@ -204,7 +206,7 @@ def test_sigkill_of_register_then_rerun_gives_one_version(tmp_path, server, metr
     versions = client.search_model_versions(f"name='{model}'")
     assert [v.version for v in versions] == ["1"] and reg["version"] == "1"
     assert client.get_model_version_by_alias(model, "challenger").version == "1"
-    exp = client.get_experiment_by_name("reg").experiment_id
+    exp = client.get_experiment_by_name(f"kill-late-{model}").experiment_id
     reg_runs = client.search_runs([exp], f"tags.`{TAG_KEY}` = '{reg['registration_key']}'")
     assert [r.info.run_id for r in reg_runs] == [reg["run_id"]] == [versions[0].run_id]
     assert reg_runs[0].info.status == "FINISHED"
@@ -259,7 +261,7 @@ def test_sigkill_of_promote_then_rerun_matches_uninterrupted(tmp_path, server, t
     from mlflow import MlflowClient
 
     client = MlflowClient(server.url, server.url)
-    tag = f"{target.rsplit('.', 1)[1]}-{needle}".replace(".", "-")
+    tag = re.sub(r"[^a-z0-9]+", "-", f"{target.rsplit('.', 1)[1]}-{needle}".lower())
     clean_model, killed_model = f"clean-{tag}", f"kill-{tag}"
     _two_versions(client, clean_model)
     _two_versions(client, killed_model)

@@ -13,7 +13,8 @@ already logged model, instead of creating a second version.
 at least ``cfg.eval.min_improvement`` (strictly better when 0) on the same metric and the same
 ``eval_data_hash``; the first version becomes champion. The decision and both scores are tagged
 on the challenger (``promotion_decision``, ``promotion_reason``, ``champion_score``,
-``challenger_score``); versions are never deleted and stages are not used. Writes
+``challenger_score``, ``promotion_previous_champion``) BEFORE the alias moves, so a rerun after
+a kill reports the same decision; versions are never deleted and stages are not used. Writes
 ``{work_dir}/registry/promotion.json``.
 
 Unreachable server: each call is retried ``KUBEDISTILL_MLFLOW_RETRIES`` times (default 5) with
@@ -253,6 +254,9 @@ def decide(challenger: dict[str, str], champion: dict[str, str] | None,
 
 
 def _promote_once(cfg: Config, client, name: str, version: str) -> dict[str, Any]:
+    """Decide, tag the decision on the challenger, THEN move ``champion``. A rerun after a
+    kill between the two finds the alias on the challenger and its recorded decision, and
+    reports that decision (not "already champion" against itself)."""
     from mlflow.exceptions import MlflowException
 
     chal = client.get_model_version(name, version)
@@ -264,20 +268,33 @@ def _promote_once(cfg: Config, client, name: str, version: str) -> dict[str, Any
         champ = None
     chal_tags = {**chal.tags, "version": str(chal.version)}
     champ_tags = None if champ is None else {**champ.tags, "version": str(champ.version)}
-    promoted, reason = decide(chal_tags, champ_tags, cfg.eval.min_improvement)
-    if promoted:
-        client.set_registered_model_alias(name, "champion", version)
-    tags = {"promotion_decision": "promoted" if promoted else "rejected",
-            "promotion_reason": reason, "challenger_score": chal_tags.get("score", ""),
-            "champion_score": (champ_tags or {}).get("score", "")}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
+    recorded = _recorded_promotion(chal.tags)
+    if champ_tags is not None and champ_tags["version"] == str(version) and recorded:
+        promoted, reason, previous, champ_score = True, *recorded
+    else:
+        promoted, reason = decide(chal_tags, champ_tags, cfg.eval.min_improvement)
+        previous = None if champ is None else str(champ.version)
+        champ_score = (champ_tags or {}).get("score", "")
+        tags = {"promotion_decision": "promoted" if promoted else "rejected",
+                "promotion_reason": reason, "challenger_score": chal_tags.get("score", ""),
+                "champion_score": champ_score, "promotion_previous_champion": previous or ""}
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
+        if promoted:
+            client.set_registered_model_alias(name, "champion", version)
     return {"promoted": promoted, "reason": reason, "name": name, "version": str(version),
-            "previous_champion": None if champ is None else str(champ.version),
+            "previous_champion": previous,
             "champion": str(version) if promoted else str(champ.version),
             "challenger_score": _float(chal_tags.get("score")),
-            "champion_score": _float((champ_tags or {}).get("score")),
-            "score_metric": chal_tags.get("score_metric")}
+            "champion_score": _float(champ_score), "score_metric": chal_tags.get("score_metric")}
+
+
+def _recorded_promotion(tags: dict[str, str]) -> tuple[str, str | None, str] | None:
+    """(reason, previous champion, champion score) of a promotion already tagged on a version."""
+    if tags.get("promotion_decision") != "promoted" or "promotion_previous_champion" not in tags:
+        return None
+    return (tags["promotion_reason"], tags["promotion_previous_champion"] or None,
+            tags.get("champion_score", ""))
 
 
 def promote(cfg: Config) -> dict[str, Any]:
