@@ -7,7 +7,7 @@ finishes the work as if nothing happened.
 - SIGKILL of the prepare stage's process alone, while its data-prep workers build rows: the
   workers die too, and a rerun gives the same prepared data as an uninterrupted run.
 (cache-teacher and train SIGKILL + rerun: tests/test_teacher_cache_stage.py and
-tests/test_train_runs.py.)
+tests/test_train_runs.py; evaluate, register and promote: tests/test_faults_kill_late.py.)
 """
 
 from __future__ import annotations

@@ -181,13 +181,15 @@ def _registry_recipe(tmp_path, url: str, model: str, name: str, metrics: dict,
                    experiment_name=f"kill-late-{model}")
 
 
-@pytest.mark.parametrize("target", ["mlflow:MlflowClient._create_model_version",
+@pytest.mark.parametrize("target", ["mlflow:MlflowClient.log_batch",
+                                    "mlflow:MlflowClient._create_model_version",
                                     "mlflow:MlflowClient.set_registered_model_alias"])
 def test_sigkill_of_register_then_rerun_gives_one_version(tmp_path, server, metrics_json,
                                                           tiny_model_dir, tiny_teacher_dir,
                                                           target):
-    """Killed after the model is logged but before its version exists, or after the version
-    exists but before alias ``challenger``: the rerun registers exactly one version."""
+    """Killed after its run exists but before the run's metrics, after the model is logged but
+    before its version exists, or after the version exists but before alias ``challenger``:
+    the rerun registers exactly one version, and the run holds the metrics."""
     from mlflow import MlflowClient
 
     from kubedistill.tracking.registry import TAG_KEY
@@ -198,7 +200,7 @@ def test_sigkill_of_register_then_rerun_gives_one_version(tmp_path, server, metr
     client = MlflowClient(server.url, server.url)
     _killed_at(target, "", "register", recipe)
     before = client.search_model_versions(f"name='{model}'")
-    assert len(before) == (0 if target.endswith("_create_model_version") else 1)
+    assert len(before) == (1 if target.endswith("alias") else 0)
     assert not (tmp_path / "w" / "registry" / "registration.json").exists()
     _ok("register", recipe)
 

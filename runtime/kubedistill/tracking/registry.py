@@ -136,13 +136,14 @@ def _register_once(cfg: Config, client, uri: str, local: str, key: str, metrics:
     parent = runs.parent_run_id(client, cfg, uri, exp)
     found = client.search_runs([exp], f"tags.`{TAG_KEY}` = '{key}'", max_results=1)
     if found:
-        run_id = found[0].info.run_id
+        run_id, logged = found[0].info.run_id, set(found[0].data.metrics)
     else:
-        run_id = client.create_run(exp, run_name="register", tags={
+        run_id, logged = client.create_run(exp, run_name="register", tags={
             "mlflow.parentRunId": parent, TAG_KEY: key,
-            **runs.run_tags(cfg, "register")}).info.run_id
-        numeric = {k: v for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            **runs.run_tags(cfg, "register")}).info.run_id, set()
+    numeric = {k: v for k, v in metrics.items() if k not in logged
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:  # the first attempt, or a retry of one killed before its metrics
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
