@@ -31,10 +31,15 @@ class MicroBatch:
     training target; ``target_ids[i]`` is that next token. ``teacher_hidden[i]`` is the
     teacher's final post-norm hidden state at the position that predicts the same target
     (same-tokenizer algorithms: rows line up one to one with ``loss_index``).
+
+    Image-text students: ``vision_inputs`` holds the extra forward inputs of the batch's
+    images (``pixel_values``, ``pixel_attention_mask`` / ``image_grid_thw`` as the family
+    has them, each image once) and ``mm_token_type_ids`` [B, T] (1 on image tokens);
+    ``position_ids`` is then the model's own positions ([3, B, T] for M-RoPE models).
     """
 
     input_ids: torch.Tensor  # [B, T] long
-    position_ids: torch.Tensor  # [B, T] long; restarts at 0 for each packed sample
+    position_ids: torch.Tensor  # [B, T] (M-RoPE: [3, B, T]) long; restarts per packed sample
     attention_mask: torch.Tensor | None  # [B, T]; None for packed rows
     loss_index: torch.Tensor  # [N] long, into B*T
     target_ids: torch.Tensor  # [N] long
@@ -43,6 +48,7 @@ class MicroBatch:
     teacher_topk_ids: torch.Tensor | None = None  # [N, k]
     sample_ids: list[str] = field(default_factory=list)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # algorithm-specific inputs
+    vision_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # see the class doc
 
     @property
     def num_loss_tokens(self) -> int:
@@ -58,7 +64,7 @@ class MicroBatch:
         def move(x):
             return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
 
-        return MicroBatch(**{k: ({n: move(v) for n, v in val.items()} if k == "extras"
+        return MicroBatch(**{k: ({n: move(v) for n, v in val.items()} if isinstance(val, dict)
                                  else move(val)) for k, val in self.__dict__.items()})
 
 

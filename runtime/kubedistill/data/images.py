@@ -42,6 +42,7 @@ from typing import Any
 
 from kubedistill import storage
 from kubedistill.data.chat import RowError
+from kubedistill.errors import DataError
 
 IMAGE_PLACEHOLDER = "<image>"
 _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
@@ -255,3 +256,13 @@ def text_only(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     """The messages with string content and image parts dropped (for text-only models)."""
     return [{**m, "content": "".join(p.get("text", "") for p in m["content"]
                                      if p["type"] == "text")} for m in messages]
+
+
+def decode_stored(blobs: list[bytes] | None, *, where: str) -> list:
+    """The RGB images of a prepared row's ``images`` column (already checked by prepare, so
+    no pixel limit); ``where`` names the row in the error of a corrupted store."""
+    try:
+        return [decode_image(b, field="images", limits=ImageLimits(1 << 62)).image
+                for b in blobs or ()]
+    except RowError as exc:
+        raise DataError(f"{where}: stored image cannot be decoded ({exc.reason})") from exc

@@ -6,6 +6,8 @@
   messages (one ``{"type": "image"}`` per image), giving text with the family's image marker;
 - ``encode(text, images)``: ``input_ids`` with every image expanded to its image tokens, plus
   the pixel tensors of this one sample (no batch dimension of its own);
+- ``pixels(images)``: the pixel tensors of one sample alone (equal to what ``encode`` gives
+  with the same images), for readers of prepared rows whose tokens are already expanded;
 - ``collate(pixels)``: the pixel tensors of several samples as the model's forward takes them;
 - ``structure_token_ids``: the ids that belong to images (the expanded image token and the
   markers around it); loss masks never cover them;
@@ -46,6 +48,9 @@ class ImageTextProcessor:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def encode(self, text: str, images: list) -> tuple[list[int], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def pixels(self, images: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def collate(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -89,6 +94,12 @@ class AutoImageTextProcessor(ImageTextProcessor):
         pixels = {k: v[0] for k, v in out.items() if k.startswith("pixel_")}
         return out["input_ids"][0].tolist(), pixels
 
+    def pixels(self, images):
+        if not images:
+            return {}
+        out = self.processor.image_processor(images=[list(images)], return_tensors="pt")
+        return {k: v[0] for k, v in out.items() if k.startswith("pixel_")}
+
     def collate(self, pixels):
         if not any(pixels):
             return {}
@@ -123,10 +134,14 @@ class PadExpandingProcessor(ImageTextProcessor):
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(self.image_token))
         self.merge = int(image_processor.merge_size)
 
+    def pixels(self, images):
+        if not images:
+            return {}
+        return dict(self.image_processor(images=list(images), return_tensors="pt"))
+
     def encode(self, text, images):
-        pixels: dict[str, torch.Tensor] = {}
+        pixels = self.pixels(images)
         if images:
-            pixels = dict(self.image_processor(images=list(images), return_tensors="pt"))
             counts = (pixels["image_grid_thw"].prod(-1) // self.merge ** 2).tolist()
             pieces = text.split(self.image_token)
             if len(pieces) - 1 != len(counts):
