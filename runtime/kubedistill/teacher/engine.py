@@ -3,10 +3,13 @@
 A teacher engine turns token-id sequences into the teacher's **final post-norm hidden
 states** (the input of the lm_head) at requested positions:
 
-    engine.final_states(sequences, positions) -> [Tensor[len(positions[i]), d] ...]
+    engine.final_states(sequences, positions, images=None) -> [Tensor[len(positions[i]), d] ...]
 
 ``sequences[i]`` is the i-th sample's teacher token ids and ``positions[i]`` the 0-based
-positions to keep; the result is float32 on the CPU, one tensor per sample, in input order.
+positions to keep; ``images[i]`` (image-text teachers) the sample's stored image bytes in
+order (None or [] for a text row), whose image tokens ``sequences[i]`` already holds expanded
+by the teacher's own processor (an engine that expands differently raises
+``ExpansionMismatch``); the result is float32 on the CPU, one tensor per sample, in input order.
 Backends: ``hf`` (:mod:`kubedistill.teacher.hf`, transformers, any device) and ``sglang``
 (:mod:`kubedistill.teacher.sglang`, GPU). ``auto`` picks sglang when CUDA is available and
 sglang imports, else hf.
@@ -29,7 +32,9 @@ class TeacherEngine(Protocol):
     hidden_size: int
 
     def final_states(self, sequences: Sequence[Sequence[int]],
-                     positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+                     positions: Sequence[Sequence[int]],
+                     images: Sequence[Sequence[bytes] | None] | None = None,
+                     ) -> list[torch.Tensor]:
         """Hidden states ``[len(positions[i]), d]`` (float32, CPU) for each sample."""
         ...
 

@@ -46,6 +46,8 @@ class PreparedSplit:
     # cross-tokenizer: per sample [M, 2] (student_pos, teacher_pos) pairs (``ct_align``)
     ct_align: list[np.ndarray] | None = None
     teacher_tokens: list[np.ndarray] | None = None  # cross-tokenizer: the teacher's tokens
+    # image-text data: per sample the stored image bytes (``images`` column; None: no images)
+    images: list[list[bytes] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
