@@ -14,21 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import time
 
-RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "quickstart.yaml")
-
-
-def stage(name: str, overrides: dict[str, object]) -> float:
-    argv = [sys.executable, "-m", "kubedistill.cli", name, "-c", RECIPE]
-    for key, value in overrides.items():
-        argv += [f"--{key}", str(value)]
-    started = time.monotonic()
-    subprocess.run(argv, check=True)
-    return time.monotonic() - started
+from _stages import run_stage as stage  # benchmarks/ is the script folder
 
 
 def main() -> None:

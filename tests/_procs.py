@@ -6,6 +6,17 @@ import signal
 import subprocess
 import time
 
+from kubedistill.procs import process_cmdline as cmdline  # noqa: F401  (re-exported)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
 
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid`` (children, grandchildren, ...), read from /proc."""

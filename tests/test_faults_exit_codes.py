@@ -17,16 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from _prepared import gsm8k
-from _procs import descendants
+from _procs import alive, descendants
 from conftest import free_port
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def _dataset(path: Path, rows: list[dict]) -> str:
@@ -128,6 +120,6 @@ def test_interrupt_exits_130_and_leaves_no_process(tmp_path, tiny_model_dir, tin
             proc.wait()
     assert proc.returncode == 130, text[-3000:]
     end = time.monotonic() + 30
-    while any(_alive(p) for p in started) and time.monotonic() < end:
+    while any(alive(p) for p in started) and time.monotonic() < end:
         time.sleep(0.2)
-    assert [p for p in started if _alive(p)] == []
+    assert [p for p in started if alive(p)] == []

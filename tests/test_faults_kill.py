@@ -20,34 +20,22 @@ import sys
 import time
 
 import pytest
-from _procs import descendants
+from _procs import alive, cmdline, descendants
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="PR_SET_PDEATHSIG and /proc are Linux")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def _wait_gone(pids: list[int], seconds: float = 30) -> list[int]:
     """The pids still alive after waiting up to ``seconds`` for them to exit."""
     end = time.monotonic() + seconds
-    while any(_alive(p) for p in pids) and time.monotonic() < end:
+    while any(alive(p) for p in pids) and time.monotonic() < end:
         time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if alive(p)]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +64,9 @@ def test_group_sigkill_of_train_leaves_no_worker(tmp_path, tiny_model_dir, prepa
             assert stage.poll() is None and time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.05)
         tree = descendants(stage.pid)
-        workers = [p for p in tree if "kubedistill.train" in _cmdline(p)
-                   and "torch.distributed.run" not in _cmdline(p)]
-        assert workers, [_cmdline(p) for p in tree]
+        workers = [p for p in tree if "kubedistill.train" in cmdline(p)
+                   and "torch.distributed.run" not in cmdline(p)]
+        assert workers, [cmdline(p) for p in tree]
         assert os.getsid(workers[0]) != os.getsid(stage.pid)  # torchrun's own session
         os.killpg(stage.pid, signal.SIGKILL)
         stage.wait()
@@ -89,7 +77,7 @@ def test_group_sigkill_of_train_leaves_no_worker(tmp_path, tiny_model_dir, prepa
     left = _wait_gone(tree)
     for pid in left:  # do not leave a stray trainer behind even when the test fails
         os.kill(pid, signal.SIGKILL)
-    assert left == [], [_cmdline(p) for p in left]
+    assert left == [], [cmdline(p) for p in left]
     step = json.loads(latest.read_text())["step"]
     time.sleep(1.0)  # nothing may move the run's checkpoints after the kill
     assert json.loads(latest.read_text())["step"] == step
@@ -131,7 +119,7 @@ def test_sigkill_of_prepare_kills_its_workers_and_a_rerun_completes(tmp_path, ti
     deadline = time.monotonic() + 240
     try:
         while True:  # both pool workers up and building
-            workers = [p for p in descendants(stage.pid) if "spawn_main" in _cmdline(p)]
+            workers = [p for p in descendants(stage.pid) if "spawn_main" in cmdline(p)]
             if len(workers) >= 2:
                 break
             assert stage.poll() is None and time.monotonic() < deadline, "no workers started"

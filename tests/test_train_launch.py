@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from _procs import alive
 
 PARENT = """
 import subprocess, sys, time
@@ -33,16 +34,10 @@ def test_child_is_terminated_when_the_launcher_is_killed():
             os.waitpid(child, os.WNOHANG)  # not our child: raises once it is gone
         except ChildProcessError:
             pass
-        if not _alive(child):
+        if not alive(child):
             return
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     pytest.fail("the child outlived its killed launcher")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
-    except FileNotFoundError:
-        return False

@@ -60,12 +60,13 @@ def bind_to_parent(sig: int = signal.SIGKILL, parent: int | None = None,
     _PRCTL(PR_SET_PDEATHSIG, int(sig))
     ppid = os.getppid()
     orphaned = (parent is not None and ppid != parent) or (
-        parent_runs and not any(name in _cmdline(ppid) for name in parent_runs))
+        parent_runs and not any(name in process_cmdline(ppid) for name in parent_runs))
     if orphaned:
         os._exit(128 + int(sig))
 
 
-def _cmdline(pid: int) -> str:
+def process_cmdline(pid: int) -> str:
+    """The command line of ``pid`` from /proc (words joined by spaces; "" when gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
