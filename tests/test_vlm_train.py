@@ -127,11 +127,25 @@ def _decode(split, i):
     return decode_stored(split.images[i], where=f"sample {i}")
 
 
-def test_packing_with_images_is_refused(family):
+def _sft_config(student: str, prepared: str, tmp_path, **over) -> Config:
+    cfg = Config()
+    for k, v in dict(student_name_or_path=student, prepared_path=prepared, kd_algorithm="sft",
+                     kd_ratio=0.0, train_batch_size=4, micro_train_batch_size=2,
+                     learning_rate=1e-2, lr_warmup_ratio=0.0, max_steps=2, save_steps=1,
+                     eval_steps=-1, num_gpus_per_node=1, work_dir=str(tmp_path / "wd"),
+                     save_path=str(tmp_path / "model"), ckpt_path=str(tmp_path / "ckpt"),
+                     tracking_uri="off", device="cpu", **over).items():
+        cfg.set(k, v)
+    return cfg
+
+
+def test_packing_with_images_is_refused(family, tmp_path, world_of_one):
+    from kubedistill.train.trainer import Trainer
+
     _, student, prepared = family
     split = data.load_prepared(prepared, "train")
-    with pytest.raises(ConfigError, match="packing_samples"):
-        data.BatchBuilder(split, pad_id=0, packing=True, images=object())
+    with pytest.raises(ConfigError, match="packing_samples is not supported with images"):
+        Trainer(_sft_config(student, prepared, tmp_path, packing_samples=True), world_of_one)
     with pytest.raises(ConfigError, match="not an image-text model"):
         data.BatchBuilder(split, pad_id=0, packing=False)
 
@@ -178,15 +192,7 @@ def test_freeze_vision_tower_trains_only_the_language_model(family, tmp_path, wo
     from kubedistill.train.trainer import Trainer
 
     name, student, prepared = family
-    cfg = Config()
-    for k, v in dict(student_name_or_path=student, prepared_path=prepared, kd_algorithm="sft",
-                     kd_ratio=0.0, freeze_vision_tower=True, train_batch_size=4,
-                     micro_train_batch_size=2, learning_rate=1e-2, lr_warmup_ratio=0.0,
-                     max_steps=2, save_steps=1, eval_steps=-1, num_gpus_per_node=1,
-                     work_dir=str(tmp_path / "wd"), save_path=str(tmp_path / "model"),
-                     ckpt_path=str(tmp_path / "ckpt"), tracking_uri="off",
-                     device="cpu").items():
-        cfg.set(k, v)
+    cfg = _sft_config(student, prepared, tmp_path, freeze_vision_tower=True)
     trainer = Trainer(cfg, world_of_one)
     frozen = [n for n, p in trainer.module.named_parameters() if not p.requires_grad]
     assert frozen and all(any(s in n for s in ("vision_model", "visual", "connector"))

@@ -43,7 +43,8 @@ class DistillModule(nn.Module):
     """``idle_pixels`` (image-text students): the collated pixels of one blank image. A
     micro-batch without images then runs the vision tower on them and adds
     ``0 * sum(features)`` to the loss, so that every rank runs every vision block's FSDP2
-    all-gather (forward) and reduce-scatter (backward) once per micro-batch, whatever
+    all-gather (forward) and reduce-scatter (backward) once per micro-batch, in the same
+    order as a micro-batch with images (tower first in forward, last in backward), whatever
     images its samples have; the loss and gradients do not change."""
 
     def __init__(self, student: nn.Module, algorithm: Algorithm,
@@ -73,15 +74,17 @@ class DistillModule(nn.Module):
         """``{"loss": ..., parts...}`` of the algorithm, each multiplied by ``weight``
         (0 for padding micro-batches: same graph and collectives, no contribution)."""
         lm = self.causal_lm
+        # before the body, as the body runs the tower before the LM: same collective order
+        idle = self._idle_vision(batch.input_ids.device) if self.idle_pixels is not None \
+            and not any(k.startswith("pixel_") for k in batch.vision_inputs) else None
         out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        position_ids=batch.position_ids, use_cache=False,
                        **self.vision_kwargs(batch))
         last = out.last_hidden_state
         hidden = last.reshape(-1, last.shape[-1]).index_select(0, batch.loss_index)
         parts = self.algorithm(batch, hidden, lm.get_output_embeddings().weight, normalizer)
-        if self.idle_pixels is not None and not any(k.startswith("pixel_")
-                                                    for k in batch.vision_inputs):
-            parts["loss"] = parts["loss"] + self._idle_vision(last.device)
+        if idle is not None:
+            parts["loss"] = parts["loss"] + idle
         if weight != 1.0:
             parts = {k: v * weight for k, v in parts.items()}
         return parts
