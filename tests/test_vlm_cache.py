@@ -116,3 +116,25 @@ def test_key_follows_the_processor_and_expansion_mismatch_raises(tmp_path, model
     with pytest.raises(ExpansionMismatch, match=r"sample data:\d+: its 1 image\(s\) expand to "
                                                 r"9 image tokens .* prepared tokens hold 4"):
         cache_teacher(other)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_sglang_image_cache_equals_hf(tmp_path, models):
+    """SGLang with ``image_data`` gives the states the hf engine gives (Qwen2-VL, fp32)."""
+    pytest.importorskip("sglang")
+    data = dataset(str(tmp_path), good_rows())
+    hf = cache_cfg(tmp_path, models["qwen2_vl"], models["qwen2_vl"], data)
+    prepare(hf)
+    cache_teacher(hf)
+    sgl = cache_cfg(tmp_path, models["qwen2_vl"], models["qwen2_vl"], data)
+    for key, value in {"teacher_backend": "sglang", "device": "cuda", "sglang_dtype": "float32",
+                       "teacher_cache_path": str(tmp_path / "sglang-cache")}.items():
+        sgl.set(key, value)
+    cache_teacher(sgl)
+    ref, got = TeacherCache(hf.teacher_cache_path), TeacherCache(sgl.teacher_cache_path)
+    assert ref.sample_ids() == got.sample_ids()
+    head = ref.head()
+    for sid in ref.sample_ids():
+        a, b = head.logits(ref.get(sid).hidden), head.logits(got.get(sid).hidden)
+        assert (torch.log_softmax(a, -1) - torch.log_softmax(b, -1)).abs().max() < 1e-2, sid
