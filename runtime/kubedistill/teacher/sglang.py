@@ -16,6 +16,17 @@ a list whose first item holds the prefill states, ``[prompt_len, d]`` (nested li
 later item per generated token; with ``max_new_tokens=0`` exactly one block is accepted.
 A sleeping teacher keeps its weights through ``enable_weights_cpu_backup``.
 
+Image-text teachers: a request also sends ``image_data`` (one list per request, None for a
+text row): the row's stored images decoded to RGB PIL images
+(:func:`~kubedistill.data.images.decode_stored`, transparency already on white, exactly the
+pixels the ``hf`` engine and prepare used; SGLang's own loader would drop alpha instead).
+SGLang's multimodal processor decodes ``input_ids`` back to text, finds each image's token
+run by the family's image-token pattern and expands it again with its processor (read in
+``multimodal/processors/base_processor.py``, ``load_mm_data``), so the prompt it runs is ITS
+expansion. Every result is therefore checked: ``meta_info["prompt_tokens"]`` must equal the
+prepared length, else :class:`~kubedistill.vlm.inputs.ExpansionMismatch` naming the sample
+(never a truncation), and the states block must have exactly that many rows.
+
 Post-norm or not: for the Llama/Qwen/Mistral/Gemma families SGLang's model ``forward``
 applies the final norm before its ``LogitsProcessor``, whose input is what it stores, and
 SGLang's own test compares it with transformers' ``hidden_states[-1]`` (post-norm). But the
@@ -98,8 +109,9 @@ class SGLangTeacherEngine(SGLangEngine):
         import sglang  # lazy: GPU images only
 
         from kubedistill.teacher.weights import load_submodule
+        from kubedistill.vlm.model import language_model
 
-        model, norm = load_submodule(model_path, lambda m: m.base_model.norm,
+        model, norm = load_submodule(model_path, lambda m: language_model(m).norm,
                                      cfg.model.trust_remote_code)
         hidden_size = int(model.config.get_text_config().hidden_size)
         head = TeacherHead.from_pretrained(model_path, cfg.model.trust_remote_code)
@@ -148,15 +160,20 @@ class SGLangTeacherEngine(SGLangEngine):
 
     @torch.inference_mode()
     def final_states(self, sequences: Sequence[Sequence[int]],
-                     positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+                     positions: Sequence[Sequence[int]],
+                     images: Sequence[Sequence[bytes] | None] | None = None,
+                     where: Sequence[str] | None = None) -> list[torch.Tensor]:
         result = [torch.zeros(len(p), self.hidden_size) for p in positions]
         todo = [i for i, p in enumerate(positions) if len(p)]
         if not todo:
             return result
         outputs: list[dict] = []
         for group in budget_groups([len(sequences[i]) for i in todo], self.batch_tokens):
-            outputs += self._generate([sequences[todo[g]] for g in group])
+            rows = [todo[g] for g in group]
+            outputs += self._generate([sequences[r] for r in rows],
+                                      **image_request(images, rows, where))
         for i, out in zip(todo, outputs, strict=True):
+            check_prompt_length(out["meta_info"], len(sequences[i]), _name(where, i))
             states = prefill_states(out["meta_info"]["hidden_states"], len(sequences[i]),
                                     self.hidden_size)
             states = states[torch.as_tensor(positions[i], dtype=torch.long)]
@@ -165,7 +182,9 @@ class SGLangTeacherEngine(SGLangEngine):
 
     @torch.inference_mode()
     def final_topk(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                   k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   k: int, images: Sequence[Sequence[bytes] | None] | None = None,
+                   where: Sequence[str] | None = None,
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Top-k straight from SGLang (``teacher_signal: topk``): no hidden states leave
         the engine; see :func:`topk_from_meta_info`."""
         todo = [i for i, p in enumerate(positions) if len(p)]
@@ -174,12 +193,43 @@ class SGLangTeacherEngine(SGLangEngine):
             outputs = self.engine.generate(
                 input_ids=[list(map(int, sequences[i])) for i in todo],
                 sampling_params={"max_new_tokens": 0, "temperature": 0.0},
-                return_logprob=True, top_logprobs_num=k, logprob_start_len=0)
+                return_logprob=True, top_logprobs_num=k, logprob_start_len=0,
+                **image_request(images, todo, where))
             outputs = outputs if isinstance(outputs, list) else [outputs]
             for i, out in zip(todo, outputs, strict=True):
+                check_prompt_length(out["meta_info"], len(sequences[i]), _name(where, i))
                 result[i] = topk_from_meta_info(out["meta_info"], positions[i], k,
-                                                where=f"sglang sample {i}")
+                                                where=f"sglang {_name(where, i)}")
         return result
+
+
+def image_request(images: Sequence[Sequence[bytes] | None] | None, rows: Sequence[int],
+                  where: Sequence[str] | None) -> dict[str, Any]:
+    """``{"image_data": [...]}`` for the requests ``rows`` (RGB PIL images per request,
+    None for a text row), or ``{}`` when none of them has an image."""
+    if images is None or not any(images[r] for r in rows):
+        return {}
+    from kubedistill.data.images import decode_stored
+
+    return {"image_data": [decode_stored(images[r], where=_name(where, r)) if images[r]
+                           else None for r in rows]}
+
+
+def check_prompt_length(meta_info: dict, prepared: int, where: str) -> None:
+    """SGLang ran ``meta_info["prompt_tokens"]`` tokens (its own image expansion); anything
+    but the prepared length is an :class:`~kubedistill.vlm.inputs.ExpansionMismatch`."""
+    ran = meta_info.get("prompt_tokens")
+    if ran is not None and int(ran) != int(prepared):
+        from kubedistill.vlm.inputs import ExpansionMismatch
+
+        raise ExpansionMismatch(f"{where}: sglang expanded the prompt to {ran} tokens, the "
+                                f"prepared row has {prepared}; its processor expands images "
+                                "differently from prepare's (re-run prepare with this "
+                                "teacher's processor)")
+
+
+def _name(where: Sequence[str] | None, i: int) -> str:
+    return f"sample {where[i]}" if where is not None else f"sample {i}"
 
 
 def topk_from_meta_info(meta_info: dict, positions: Sequence[int], k: int, where: str = "sglang"

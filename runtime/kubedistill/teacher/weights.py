@@ -18,12 +18,23 @@ from torch import nn
 
 
 def meta_model(model_path: str, trust_remote_code: bool = False) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from kubedistill.vlm.model import auto_model_class
 
     config = AutoConfig.from_pretrained(model_path, local_files_only=True,
                                         trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # image-text models: AutoModelForImageTextToText
+        return auto_model_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _saved_names(name: str) -> list[str]:
+    """Names a checkpoint may store ``name`` under when transformers renamed it on save
+    (Qwen2-VL writes ``model.language_model.norm.weight`` as ``model.norm.weight``): the
+    name's tails, each also under ``model.``; tried only when the exact name is absent."""
+    parts = name.split(".")
+    tails = [".".join(parts[i:]) for i in range(1, len(parts))]
+    return [t for tail in tails for t in ("model." + tail, tail)]
 
 
 def load_submodule(model_path: str, pick: Callable[[nn.Module], nn.Module],
@@ -40,7 +51,8 @@ def load_submodule(model_path: str, pick: Callable[[nn.Module], nn.Module],
         with safe_open(file, "pt") as f:
             keys = set(f.keys())
             for local, candidates in wanted.items():
-                hit = next((c for c in candidates if c in keys), None)
+                hit = next((c for c in candidates if c in keys), None) or next(
+                    (a for c in candidates for a in _saved_names(c) if a in keys), None)
                 if hit and local not in found:
                     found[local] = f.get_tensor(hit)
     missing = sorted(set(wanted) - set(found))
