@@ -42,6 +42,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     student_from_teacher_layers: str | None = None  # e.g. "0,6,12,18,24,29": derive the student
     lora_save_adapters: bool = False  # False: merge LoRA into the final model
+    freeze_vision_tower: bool = False  # image-text students: train the language model only
     sglang_dtype: str = "bfloat16"  # dtype of SGLang engines (their "auto" runs fp32 as fp16)
 
 

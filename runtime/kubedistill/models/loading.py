@@ -115,6 +115,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def copy_processor_files(src_dir: str, out_dir: str) -> list[str]:
+    """Copy the processor files of an image-text model directory (image processor,
+    processor config, chat template; :data:`PROCESSOR_FILES`) that ``src_dir`` has;
+    returns their names."""
+    import shutil
+
+    names = [n for n in PROCESSOR_FILES if os.path.exists(os.path.join(src_dir, n))]
+    for name in names:
+        shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+    return names
+
+
 def tokenizer_files_hash(model_path: str) -> str:
     """sha256 over the tokenizer files of a model directory (a .gguf: its name and size)."""
     h = hashlib.sha256()

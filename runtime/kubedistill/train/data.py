@@ -76,8 +76,8 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
     from kubedistill.data.prepared import load_split
 
     columns = ["id", "input_ids", "loss_mask"]
-    try:  # cross-tokenizer data has the alignment column
-        table = load_split(prepared_path, split, columns=[*columns, "ct_align"])
+    try:  # the alignment (cross-tokenizer) and image columns, where the data has them
+        table = load_split(prepared_path, split, columns=[*columns, "ct_align", "images"])
     except pa.ArrowInvalid:
         table = load_split(prepared_path, split, columns=columns)
     if table is None or table.num_rows == 0:
@@ -90,6 +90,7 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
         teacher_tokens = [np.asarray(x if x is not None else [], dtype=np.int64) for x in
                           load_split(prepared_path, split, columns=["teacher_input_ids"])
                           .column("teacher_input_ids").to_pylist()]
+    images = _images(table)
     ids = [str(x) for x in table.column("id").to_pylist()]
     if len(set(ids)) != len(ids):
         raise DataError(f"{prepared_path}/{split}: sample ids are not unique")
@@ -101,7 +102,19 @@ def load_prepared(prepared_path: str, split: str) -> PreparedSplit | None:
     base = offsets[0]
     return PreparedSplit(ids, tokens.values.to_numpy()[base:offsets[-1]].astype(np.int64),
                          mask.values.to_numpy()[base:offsets[-1]].astype(np.int8),
-                         offsets - base, ct_align, teacher_tokens)
+                         offsets - base, ct_align, teacher_tokens, images)
+
+
+def _images(table) -> list[list[bytes] | None] | None:
+    """The ``images`` column (per sample the stored bytes, None for a text row), or None
+    when no row of the split has an image."""
+    if "images" not in table.column_names:
+        return None
+    column = table.column("images")
+    if column.null_count == len(column):
+        return None
+    images = [x or None for x in column.to_pylist()]
+    return images if any(images) else None
 
 
 # ---- planning --------------------------------------------------------------------------
@@ -192,6 +205,10 @@ class BatchBuilder:
     ``teacher_topk_*`` and leaves ``teacher_hidden`` None (packing and dynamic batches are
     the same concatenation of rows); cross-tokenizer joins need hidden states.
 
+    Image-text students: ``images`` is a :class:`kubedistill.train.vision.ImageBatcher`; it
+    adds each micro-batch's pixels (each image once) and the model's own positions. A split
+    with images needs one, and refuses packing.
+
     Cross-tokenizer splits (``split.ct_align``): the teacher rows are the teacher-side
     target positions, joined through the alignment instead: ``teacher_hidden`` holds every
     cached row, and ``extras`` get ``ct_student_index`` / ``ct_teacher_index`` [M] (aligned
@@ -201,8 +218,17 @@ class BatchBuilder:
     token at each teacher row's position and the next one, its target).
     """
 
-    def __init__(self, split: PreparedSplit, *, pad_id: int, packing: bool, teacher=None):
+    def __init__(self, split: PreparedSplit, *, pad_id: int, packing: bool, teacher=None,
+                 images=None):
+        if split.images is not None and images is None:
+            raise ConfigError("the prepared data holds images but the student is not an "
+                              "image-text model (its config.json has no vision_config)")
+        if split.images is not None and packing:
+            raise ConfigError("packing_samples is not supported with images (each image-text "
+                              "sample needs its own M-RoPE positions and pixels); set "
+                              "packing_samples false (use_dynamic_bsz works with images)")
         self.split = split
+        self.images = images
         self.loss_tokens = split.loss_tokens  # [N] targets per sample
         self.pad_id = pad_id
         self.packing = packing
@@ -233,6 +259,9 @@ class BatchBuilder:
                            attention_mask=attention, loss_index=torch.cat(loss_index).long(),
                            target_ids=torch.cat(targets).long(),
                            sample_ids=[self.split.ids[i] for i in indices])
+        if self.images is not None:
+            self.images.fill(batch, [self.split.images[i] if self.split.images else None
+                                     for i in indices])
         if self.teacher is not None and self.split.ct_align is not None:
             self._join_aligned(batch, indices, [np.nonzero(m[1:])[0] for _, m in seqs])
         elif self.teacher is not None:

@@ -1,5 +1,8 @@
 """The final model: an HF directory (safetensors + config + tokenizer) that transformers,
 SGLang and vLLM load as they are, published so that readers never see half of it.
+An image-text student is rebuilt with ``AutoModelForImageTextToText`` and its directory
+also gets the student's processor files (image processor, processor config, chat template),
+so ``AutoModelForImageTextToText`` + ``vlm.processing.load_processor`` reload it.
 
 Every rank takes part in gathering the full state dict; rank 0 loads it into a fresh CPU
 copy of the student (plus LoRA adapters), merges LoRA unless ``lora_save_adapters`` (then
@@ -21,9 +24,10 @@ from torch import nn
 
 from kubedistill import storage
 from kubedistill.config import Config
-from kubedistill.models.loading import load_tokenizer, resolve_model_path
+from kubedistill.models.loading import copy_processor_files, load_tokenizer, resolve_model_path
 from kubedistill.train.fsdp import DistEnv, barrier, full_state_dict
 from kubedistill.train.lora import apply_lora, finalize
+from kubedistill.vlm.model import auto_model_class, is_image_text
 
 SUMMARY = "train_summary.json"
 
@@ -55,10 +59,8 @@ def export_hf(student: nn.Module, student_ref: str, cfg: Config, env: DistEnv) -
 def write_hf_model(state: dict[str, torch.Tensor], student_ref: str, cfg: Config,
                    out_dir: str) -> None:
     """Write ``state`` (the student's full state dict, LoRA keys included) as an HF dir."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(student_ref, cfg.storage.model_cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_model_class(path).from_pretrained(
         path, dtype=torch.float32, local_files_only=True,
         trust_remote_code=cfg.model.trust_remote_code)
     model = apply_lora(model, cfg.model)
@@ -69,6 +71,8 @@ def write_hf_model(state: dict[str, torch.Tensor], student_ref: str, cfg: Config
     model.config.use_cache = True
     model.save_pretrained(out_dir, safe_serialization=True)
     load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code).save_pretrained(out_dir)
+    if is_image_text(path):
+        copy_processor_files(path, out_dir)
 
 
 def write_summary(save_path: str, summary: dict[str, Any]) -> None:

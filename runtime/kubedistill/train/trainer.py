@@ -25,6 +25,7 @@ from kubedistill import storage
 from kubedistill.algorithms import ALGORITHMS, build_algorithm
 from kubedistill.config import Config
 from kubedistill.errors import DataError
+from kubedistill.models.loading import resolve_model_path
 from kubedistill.tracking.base import NullTracker, Tracker
 from kubedistill.train import data
 from kubedistill.train.checkpoint import Checkpointer
@@ -39,6 +40,7 @@ from kubedistill.train.student import (
     materialize,
     resolve_student,
 )
+from kubedistill.train.vision import image_batcher
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,11 @@ class Trainer:
         self.build_student(head)
         self.build_schedule(data.steps_per_epoch(len(self.train_split), t.train_batch_size))
         self.train_batches = data.BatchBuilder(self.train_split, pad_id=self.pad_id,
-                                               packing=cfg.data.packing_samples, teacher=teacher)
+                                               packing=cfg.data.packing_samples, teacher=teacher,
+                                               images=self.images)
         self.eval_batches = None if self.eval_split is None else data.BatchBuilder(
             self.eval_split, pad_id=self.pad_id, packing=cfg.data.packing_samples,
-            teacher=teacher)
+            teacher=teacher, images=self.images)
         self.cursor = Cursor()
         self.log_path = os.path.join(self.local_dir, "train", "train_log.jsonl")
         self.last: dict[str, float] = {}
@@ -87,18 +90,23 @@ class Trainer:
         one FSDP2 root, and build the optimizer; returns the algorithm."""
         cfg, env, t = self.cfg, self.env, self.cfg.train
         student, full_state = load_student(self.student_ref, cfg, env)
-        algorithm = build_algorithm(cfg, head, student.config.hidden_size)
+        algorithm = build_algorithm(cfg, head, student.config.get_text_config().hidden_size)
         head_weight = base_causal_lm(student).get_output_embeddings().weight
         algorithm.init_from_student(None if head_weight.is_meta else head_weight.detach())
         broadcast_state(algorithm, env)
-        self.module = DistillModule(student, wrap(algorithm))
+        self.images = image_batcher(  # image-text students: pixels and their own positions
+            base_causal_lm(student), resolve_model_path(self.student_ref,
+                                                        cfg.storage.model_cache_dir),
+            trust_remote_code=cfg.model.trust_remote_code)
+        self.module = DistillModule(student, wrap(algorithm), idle_pixels=None if
+                                    self.images is None else self.images.idle_pixels())
         shard(self.module, self.module.decoder_layers(), build_mesh(env, cfg.fsdp.fsdp_size),
               mixed_precision(env, t.bf16), cpu_offload=cfg.fsdp.cpu_offload)
         materialize(student, full_state, env)
         self.optimizer = build_optimizer(self.module, algorithm.param_groups(),
                                          lr=t.learning_rate, weight_decay=t.weight_decay,
                                          betas=t.adam_betas)
-        self.pad_id = student.config.pad_token_id or 0
+        self.pad_id = student.config.get_text_config().pad_token_id or 0
         return algorithm
 
     def build_schedule(self, steps_per_epoch: int) -> None:
