@@ -213,3 +213,85 @@ def test_refusals_name_the_reason(pair, tiny_model_dir):
         check_images(True, False, tiny_model_dir, teacher)
     with pytest.raises(ConfigError, match="the teacher .* is not an image-text model"):
         check_images(True, False, student, tiny_model_dir)
+
+
+# ---- the loop in-process (a world of one) ---------------------------------------------------
+def _config(tmp_path, pair, **over) -> Config:
+    _, student, teacher, prepared = pair
+    cfg, wd = Config(), tmp_path / "run"
+    for k, v in dict(student_name_or_path=student, teacher_name_or_path=teacher,
+                     prepared_path=prepared, rollout_num_engines=1, rollout_backend="hf",
+                     teacher_backend="hf", rollout_batch_size=3, n_samples_per_prompt=2,
+                     generate_max_len=4, prompt_max_len=512, temperature=1.0,
+                     kd_algorithm="vanilla_kd", kd_loss_fn="rkl", kd_ratio=1.0,
+                     num_gpus_per_node=1, train_batch_size=6, micro_train_batch_size=3,
+                     learning_rate=5e-3, lr_warmup_ratio=0.0, num_epochs=1, save_steps=-1,
+                     logging_steps=1, chunked_loss_size=16, seed=5, tracking_uri="off",
+                     device="cpu", work_dir=str(wd), save_path=str(wd / "model"),
+                     ckpt_path=str(wd / "ckpt"), **over).items():
+        cfg.set(k, v)
+    return cfg
+
+
+def _one_iteration(trainer):
+    """rollout (pixels) -> teacher (pixels) -> one optimizer step -> weight sync."""
+    from kubedistill.train.fsdp import full_state_dict
+    from kubedistill.train.trainer import _progress
+
+    trainer.sync()
+    before = {k: v.clone() for k, v in full_state_dict(trainer.module.student).items()}
+    times: dict = {}
+    split, teacher, stats = trainer.rollout(times)
+    trainer.train_iteration(split, teacher, stats, _progress(trainer.total_steps, 0, False),
+                            times)
+    trainer.sync(times)
+    trainer.end_iteration(stats, times)
+    assert trainer.cursor.global_step == 1 and trainer.cursor.iteration == 1
+    after = full_state_dict(trainer.module.student)
+    engine = trainer.rollout_engine.state_dict()
+    assert all(torch.equal(engine[k], v) for k, v in after.items())  # synced
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
+    return split, teacher
+
+
+def _check_teacher_saw_the_pixels(trainer, split, teacher) -> None:
+    """Every image sample of the split is ``prepared prompt + response`` with the prompt's
+    images, and its teacher states differ from the same tokens scored without pixels."""
+    prompts = trainer.prompts
+    body = trainer.teacher_engine.model.base_model
+    n_image = 0
+    for i, sid in enumerate(split.ids):  # "it0:train:4:1": prompt train:4, its 2nd sample
+        k = prompts.ids.index(sid.split(":", 1)[1].rsplit(":", 1)[0])
+        tokens, mask = split.sample(i)
+        prompt = prompts.prompts[k]
+        assert tokens[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any()
+        assert split.images[i] == prompts.images[k]
+        if split.images[i] is None:
+            continue
+        n_image += 1
+        states = teacher.get(sid)
+        with torch.no_grad():
+            blind = body(input_ids=torch.as_tensor(tokens)[None]).last_hidden_state[0]
+        diff = (states.hidden - blind[states.positions].float()).abs().max()
+        assert diff > 1e-3, diff
+    assert n_image >= 2
+
+
+def test_on_policy_iteration_with_images(world_of_one, pair, tmp_path):
+    from kubedistill.train.on_policy import OnPolicyTrainer
+
+    trainer = OnPolicyTrainer(_config(tmp_path, pair), world_of_one)
+    assert trainer.images is not None  # the student trains with pixels
+    split, teacher = _one_iteration(trainer)
+    assert split.images is not None
+    _check_teacher_saw_the_pixels(trainer, split, teacher)
+
+
+def test_self_distillation_iteration_with_images(world_of_one, pair, tmp_path):
+    from kubedistill.train.on_policy import OnPolicyTrainer
+
+    cfg = _config(tmp_path, pair, self_distillation=True, teacher_name_or_path=None)
+    trainer = OnPolicyTrainer(cfg, world_of_one)
+    split, teacher = _one_iteration(trainer)
+    assert trainer.cursor.teacher_updates == 1
+    _check_teacher_saw_the_pixels(trainer, split, teacher)

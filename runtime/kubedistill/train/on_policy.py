@@ -297,7 +297,7 @@ class OnPolicyTrainer(Trainer):
         t = self.cfg.train
         self.train_batches = data.BatchBuilder(split, pad_id=self.pad_id,
                                                packing=self.cfg.data.packing_samples,
-                                               teacher=teacher)
+                                               teacher=teacher, images=self.images)
         kl = top1 = rows = 0.0
         samples = list(range(len(split)))
         for lo in range(0, len(samples), t.train_batch_size):
