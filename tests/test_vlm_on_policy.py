@@ -295,3 +295,28 @@ def test_self_distillation_iteration_with_images(world_of_one, pair, tmp_path):
     split, teacher = _one_iteration(trainer)
     assert trainer.cursor.teacher_updates == 1
     _check_teacher_saw_the_pixels(trainer, split, teacher)
+
+
+@pytest.mark.gpu
+def test_sglang_rollout_with_images_on_gpu(pair):
+    """SGLang samples with ``image_data``; its expansion equals prepare's (else it raises)."""
+    pytest.importorskip("sglang")
+    from kubedistill.rollout.sglang import SGLangRolloutEngine
+
+    family, student, _, prepared = pair
+    if family != "qwen2_vl":
+        pytest.skip("SGLang's Idefics3 support is not checked here")
+    cfg = Config()
+    for k, v in dict(rollout_mem_fraction_static=0.2, seed=0).items():
+        cfg.set(k, v)
+    prompts = _prompts(prepared)
+    engine = SGLangRolloutEngine.from_config(cfg, student)
+    try:
+        samples = engine.generate(prompts.prompts, images=prompts.images,
+                                  n_samples_per_prompt=1, max_new_tokens=4, temperature=1.0,
+                                  top_p=1.0, seed=0)
+    finally:
+        engine.close()
+    for s in samples:
+        assert s.prompt_ids == prompts.prompts[s.prompt_index]
+        assert s.images == prompts.images[s.prompt_index] and len(s.response_ids) >= 1
