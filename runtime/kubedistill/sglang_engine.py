@@ -36,6 +36,16 @@ SGLang's source (``entrypoints/engine.py``, ``managers/scheduler_update_weights_
   (:func:`common_engine_kwargs`) and :func:`check_shared_settings` refuses engines that
   differ in them. Full isolation (one engine per process, as verl and slime do) is the
   alternative when a setting cannot be shared.
+- **Images.** ``Engine.generate(input_ids=..., image_data=...)`` with ``skip_tokenizer_init``
+  decodes the ids to text and splits it at the model's image-token pattern
+  (``multimodal/processors/base_processor.py``, ``load_mm_data``): each match takes the next
+  image of the request, whose tokens the HF processor then expands. Prepared prompts hold
+  the expansion already, so :func:`unexpanded_prompt` turns them back into the ids the chat
+  template rendered (one placeholder per image) and proves it by re-encoding them with our
+  processor, which must give the prepared ids again; the engine's own expansion is checked
+  afterwards against the prepared length (``meta_info["prompt_tokens"]``,
+  :func:`check_prompt_tokens`). Images are sent decoded (:func:`images_for_request`: PIL RGB
+  with transparency on white, the pixels prepare saw; SGLang's own loader drops alpha).
 """
 
 from __future__ import annotations
@@ -82,6 +92,78 @@ def common_engine_kwargs(cfg) -> dict[str, Any]:
     return dict(dtype=dtype, skip_tokenizer_init=True, enable_return_hidden_states=True,
                 trust_remote_code=cfg.model.trust_remote_code, random_seed=cfg.train.seed,
                 enable_memory_saver=bool(cfg.train.enable_sleep), log_level="error")
+
+
+def images_for_request(blobs: Sequence[bytes] | None, *, where: str) -> list:
+    """A request's ``image_data``: the stored images decoded to RGB as prepare decoded them."""
+    from kubedistill.data.images import decode_stored
+
+    return decode_stored(list(blobs or ()), where=where)
+
+
+def unexpanded_prompt(ids: Sequence[int], images: list, processor, *, where: str,
+                      ) -> list[int]:
+    """``ids`` (image tokens expanded by ``processor``) with each image's tokens back to the
+    placeholder the chat template writes; raises ``ExpansionMismatch`` unless re-encoding the
+    result with ``images`` gives ``ids`` exactly. Two layouts are tried:
+
+    - a run of image tokens -> one image token (Qwen2-VL: the template writes
+      ``<|vision_start|><|image_pad|><|vision_end|>``, the processor repeats the pad);
+    - a run of image/marker tokens -> one image token per image in it (Idefics3: the template
+      writes ``<image>``, the processor writes the whole ``<fake_token_around_image>
+      <global-img><image>... `` block; images are counted by their global-image tag).
+    """
+    from kubedistill.vlm.inputs import ExpansionMismatch
+
+    ids = [int(t) for t in ids]
+    tok, image_id = processor.tokenizer, processor.image_token_id
+    structure = processor.structure_token_ids
+    tag = getattr(getattr(processor, "processor", None), "global_image_tag", None)
+    tag_id = tok.convert_tokens_to_ids(tag) if tag else None
+    candidates = (_collapse(ids, {image_id}, image_id, None),
+                  _collapse(ids, structure, image_id, tag_id))
+    for candidate in candidates:
+        text = tok.decode(candidate, skip_special_tokens=False)
+        try:
+            if processor.encode(text, images)[0] == ids:
+                return candidate
+        except ValueError:  # the processor counts placeholders and images itself
+            continue
+    raise ExpansionMismatch(f"{where}: cannot rebuild the unexpanded prompt of a prepared "
+                            f"row with {len(images)} image(s) for SGLang (re-encoding it "
+                            "does not give the prepared tokens); re-run prepare with this "
+                            "model's processor")
+
+
+def _collapse(ids: list[int], members: set[int], image_id: int, tag_id: int | None,
+              ) -> list[int]:
+    """Each maximal run of ``members`` -> ``image_id`` once per image (``tag_id`` count,
+    at least one)."""
+    out: list[int] = []
+    i = 0
+    while i < len(ids):
+        if ids[i] not in members:
+            out.append(ids[i])
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] in members:
+            j += 1
+        images = ids[i:j].count(tag_id) if tag_id is not None else 0
+        out += [image_id] * max(1, images)
+        i = j
+    return out
+
+
+def check_prompt_tokens(out: dict, expected: int, *, where: str) -> None:
+    """``ExpansionMismatch`` when SGLang expanded a prompt to another length than prepare."""
+    from kubedistill.vlm.inputs import ExpansionMismatch
+
+    got = (out.get("meta_info") or {}).get("prompt_tokens")
+    if got is not None and int(got) != expected:
+        raise ExpansionMismatch(f"{where}: SGLang expanded the prompt to {got} tokens, the "
+                                f"prepared row has {expected}; its image processor differs "
+                                "from the one prepare used")
 
 
 def check_shared_settings(kwargs: Sequence[dict[str, Any]]) -> None:

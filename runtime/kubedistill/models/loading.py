@@ -98,11 +98,12 @@ def load_tokenizer(ref: str, *, cache_dir: str | None = None, use_fast: bool = T
 def load_causal_lm(ref: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                    attn_implementation: str = "sdpa", cache_dir: str | None = None,
                    trust_remote_code: bool = False):
-    """An ``AutoModelForCausalLM`` in ``dtype`` on ``device``, in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """An ``AutoModelForCausalLM`` (an image-text model: ``AutoModelForImageTextToText``,
+    :func:`kubedistill.vlm.model.auto_model_class`) in ``dtype`` on ``device``, in eval mode."""
+    from kubedistill.vlm.model import auto_model_class
 
     directory, extra = _split_gguf(resolve_model_path(ref, cache_dir))
-    model = AutoModelForCausalLM.from_pretrained(
+    model = auto_model_class(directory).from_pretrained(
         directory, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
         attn_implementation=resolve_attn_implementation(attn_implementation, device, dtype),
         **extra)

@@ -1,10 +1,13 @@
 """The ``RolloutEngine`` protocol: the student generating from prompts, on-policy.
 
     engine.generate(prompts, n_samples_per_prompt=..., max_new_tokens=..., temperature=...,
-                    top_p=..., seed=...) -> list[Sample]
+                    top_p=..., seed=..., images=None) -> list[Sample]
 
 ``prompts[i]`` is a list of token ids; the result holds ``n`` samples per prompt, prompt-major
-(prompt 0's samples first). A :class:`Sample` carries the SAMPLED token ids (never decoded and
+(prompt 0's samples first). ``images[i]`` (image-text students) is prompt ``i``'s stored image
+bytes in placeholder order (the prepared ``images`` column; None for a text prompt), whose
+image tokens ``prompts[i]`` already holds expanded by the student's processor; each sample
+keeps them (``Sample.images``) so the teacher and the trainer see the same pixels. A :class:`Sample` carries the SAMPLED token ids (never decoded and
 re-encoded), one sampling log-prob per response token (the log-probability under the
 distribution the token was drawn from: after temperature and top-p), and a finish reason:
 
@@ -43,6 +46,7 @@ class Sample:
     response_ids: list[int]
     finish_reason: str  # "stop" | "length"
     logprobs: list[float] = field(default_factory=list)  # one per response token
+    images: list[bytes] | None = None  # the prompt's stored images (image-text prompts)
 
     @property
     def truncated(self) -> bool:
@@ -52,8 +56,8 @@ class Sample:
 @runtime_checkable
 class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int,
-                 max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int) -> list[Sample]:
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 images: Sequence[Sequence[bytes] | None] | None = None) -> list[Sample]:
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],

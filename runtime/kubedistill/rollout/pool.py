@@ -4,7 +4,8 @@
 near-equal size (the first ``len(prompts) % k`` shards one longer), engine ``j`` samples shard
 ``j`` with seed ``seed * 1_000_003 + j`` (a seed of its own, deterministic for a given engine
 count), and the samples come back prompt-major with ``prompt_index`` into the WHOLE prompt
-list, as one engine would return them. Engines run one after another (SGLang's offline
+list, as one engine would return them. ``images`` (image-text prompts) are split with
+their prompts. Engines run one after another (SGLang's offline
 ``Engine.generate`` drives its own event loop on the calling thread); with SGLang each
 engine owns its own GPUs, so a shard's generation is the only work on them.
 
@@ -42,7 +43,8 @@ class RolloutPool:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int = 1,
                  max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0) -> list[Sample]:
+                 seed: int = 0, images: Sequence[Sequence[bytes] | None] | None = None,
+                 ) -> list[Sample]:
         out: list[Sample] = []
         for j, (lo, hi) in enumerate(shard_bounds(len(prompts), len(self.engines))):
             if lo == hi:
@@ -50,7 +52,8 @@ class RolloutPool:
             samples = self.engines[j].generate(
                 prompts[lo:hi], n_samples_per_prompt=n_samples_per_prompt,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed * 1_000_003 + j)
+                seed=seed * 1_000_003 + j,
+                images=None if images is None else list(images[lo:hi]))
             for s in samples:
                 s.prompt_index += lo
             out += samples

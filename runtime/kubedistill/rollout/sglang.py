@@ -15,6 +15,14 @@ and ``meta_info["output_token_logprobs"]`` (``(logprob, token_id, text)`` per to
 matched stop token is not among the returned ids it is appended (it was sampled; its
 log-prob is then unknown, NaN).
 
+Images (image-text students, ``generate(..., images=...)``): each request also gets
+``image_data`` (its prompt's images, decoded as prepare decoded them) and, as ``input_ids``,
+the prompt with its image tokens back to one placeholder per image
+(:func:`kubedistill.sglang_engine.unexpanded_prompt`, checked by re-encoding); SGLang's
+expansion must give the prepared prompt length (``meta_info["prompt_tokens"]``, else
+``ExpansionMismatch``). The sample keeps the PREPARED (expanded) prompt ids and the stored
+images. A batch without images sends no ``image_data``.
+
 Weights: :meth:`load_weights` pushes ``(name, tensor)`` pairs with
 ``update_weights_from_tensor`` (one call per bucket, ``flush_cache`` only on the last; the
 caller buckets, :mod:`kubedistill.rollout.sync`); SGLang's loaders accept HF parameter names.
@@ -33,7 +41,13 @@ import torch
 
 from kubedistill.errors import KubedistillError
 from kubedistill.rollout.engine import Sample, finish
-from kubedistill.sglang_engine import SGLangEngine, common_engine_kwargs
+from kubedistill.sglang_engine import (
+    SGLangEngine,
+    check_prompt_tokens,
+    common_engine_kwargs,
+    images_for_request,
+    unexpanded_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +87,12 @@ def parse_output(out: dict, prompt_index: int, prompt: Sequence[int], stop_ids: 
 
 class SGLangRolloutEngine(SGLangEngine):
     def __init__(self, engine: Any, stop_ids: set[int], offload_tags: list[str] | None = None,
-                 push_device: torch.device | None = None):
+                 push_device: torch.device | None = None, processor=None):
         self.engine = engine
         self.stop_ids = stop_ids
         self.offload_tags = offload_tags
         self.push_device = push_device  # where sync puts a bucket before pushing it
+        self.processor = processor  # image-text students: their ImageTextProcessor
 
     @classmethod
     def from_config(cls, cfg, model_path: str, index: int = 0) -> SGLangRolloutEngine:
@@ -85,28 +100,64 @@ class SGLangRolloutEngine(SGLangEngine):
 
         from kubedistill.rollout.hf import stop_token_ids
         from kubedistill.teacher.weights import meta_model
+        from kubedistill.vlm.model import is_image_text
 
-        stop = stop_token_ids(meta_model(model_path, cfg.model.trust_remote_code))
+        trust = cfg.model.trust_remote_code
+        stop = stop_token_ids(meta_model(model_path, trust))
+        processor = None
+        if is_image_text(model_path):
+            from kubedistill.vlm.processing import load_processor
+
+            processor = load_processor(model_path, trust_remote_code=trust)
         kwargs = engine_kwargs(cfg, model_path, index)
         engine = sglang.Engine(**kwargs)
         # buckets on the GPU travel to the engine as CUDA IPC handles, not pickled bytes
-        self = cls(engine, stop, push_device=torch.device("cuda", torch.cuda.current_device()))
+        self = cls(engine, stop, push_device=torch.device("cuda", torch.cuda.current_device()),
+                   processor=processor)
         self.dtype = kwargs["dtype"]
         return self
 
     def generate(self, prompts: Sequence[Sequence[int]], *, n_samples_per_prompt: int = 1,
                  max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0) -> list[Sample]:
+                 seed: int = 0, images: Sequence[Sequence[bytes] | None] | None = None,
+                 ) -> list[Sample]:
         n = n_samples_per_prompt
-        inputs = [list(map(int, p)) for p in prompts for _ in range(n)]
+        images = list(images) if images is not None and any(images) else None
+        extra: dict[str, Any] = {}
+        if images is None:
+            inputs = [list(map(int, p)) for p in prompts for _ in range(n)]
+        else:
+            if self.processor is None:
+                raise KubedistillError("the prompts carry images but the rollout model is not "
+                                       "an image-text model")
+            requests = [self.image_request(p, blobs, i)
+                        for i, (p, blobs) in enumerate(zip(prompts, images, strict=True))]
+            inputs = [ids for ids, _ in requests for _ in range(n)]
+            extra["image_data"] = [data for _, data in requests for _ in range(n)]
         params = [{"temperature": temperature, "top_p": top_p,
                    "max_new_tokens": max_new_tokens, "sampling_seed": seed * 100_003 + i}
                   for i in range(len(inputs))]
         outs = self.engine.generate(input_ids=inputs, sampling_params=params,
-                                    return_logprob=True)
+                                    return_logprob=True, **extra)
         outs = outs if isinstance(outs, list) else [outs]
-        return [parse_output(o, i // n, prompts[i // n], self.stop_ids, max_new_tokens)
-                for i, o in enumerate(outs)]
+        samples = []
+        for i, o in enumerate(outs):
+            p = i // n
+            if images is not None:
+                check_prompt_tokens(o, len(prompts[p]), where=f"rollout prompt {p}")
+            sample = parse_output(o, p, prompts[p], self.stop_ids, max_new_tokens)
+            sample.images = list(images[p]) if images is not None and images[p] else None
+            samples.append(sample)
+        return samples
+
+    def image_request(self, prompt: Sequence[int], blobs: Sequence[bytes] | None,
+                      index: int) -> tuple[list[int], list]:
+        """``(input_ids, image_data)`` of one prompt (see the module docstring)."""
+        where = f"rollout prompt {index}"
+        decoded = images_for_request(blobs, where=where)
+        if not decoded:
+            return [int(t) for t in prompt], []
+        return unexpanded_prompt(prompt, decoded, self.processor, where=where), decoded
 
     def flush(self) -> None:
         self.engine.flush_cache()

@@ -20,6 +20,13 @@ Read :meth:`OnPolicyTrainer.fit`: it is the table of contents. One ITERATION:
 4. sync: the full student state is gathered from FSDP2 and pushed to the rollout engine in
    buckets (:mod:`kubedistill.rollout.sync`); with self-distillation the teacher is updated.
 
+Images (image-text prompts, the prepared ``images`` column): the rollout samples with the
+prompt's pixels, each sample keeps the prompt's stored images, the live teacher scores with
+them, and the training split carries them (``PreparedSplit.images``), so the student trains
+with the same pixels; a self-distillation teacher (a copy of the student) sees them too.
+What is refused (cross-tokenizer pairs, a text model on image prompts) is in
+:mod:`kubedistill.train.on_policy_config`.
+
 Self-distillation (``kd.self_distillation: true``, or as in KDFlow a ``teacher_name_or_path``
 equal to ``student_name_or_path``): the teacher is a copy
 of the student's own weights (rank 0) that sees the TEACHER prompt (prepared
@@ -73,6 +80,12 @@ from kubedistill.train.colocate import Colocation
 from kubedistill.train.diagnostics import WithDiagnostics
 from kubedistill.train.export import export_hf
 from kubedistill.train.fsdp import DistEnv
+from kubedistill.train.on_policy_config import (  # noqa: F401 (is_on_policy: re-exported)
+    check_config,
+    check_images,
+    cross_tokenizer_map,
+    is_on_policy,
+)
 from kubedistill.train.on_policy_data import (
     load_prompts,
     rollout_split,
@@ -84,41 +97,6 @@ from kubedistill.train.student import resolve_student
 from kubedistill.train.trainer import Trainer, _progress, _seed_everything
 
 log = logging.getLogger(__name__)
-
-
-def is_on_policy(cfg: Config) -> bool:
-    return cfg.rollout.rollout_num_engines > 0
-
-
-def check_config(cfg: Config) -> None:
-    """Refuse combinations the on-policy loop cannot honour (ConfigError)."""
-    from kubedistill.algorithms import ALGORITHMS
-
-    kd = cfg.kd
-    if not ALGORITHMS.lookup(kd.kd_algorithm).needs_teacher or kd.kd_ratio <= 0:
-        raise ConfigError(f"on-policy training needs a teacher signal: kd_algorithm "
-                          f"'{kd.kd_algorithm}' with kd_ratio {kd.kd_ratio} has none")
-    if cfg.rollout.n_samples_per_prompt < 1 or cfg.rollout.rollout_batch_size < 1 \
-            or cfg.rollout.generate_max_len < 1 or kd.teacher_forward_n_batches < 1:
-        raise ConfigError("rollout_batch_size, n_samples_per_prompt, generate_max_len and "
-                          "teacher_forward_n_batches must be >= 1")
-
-
-def cross_tokenizer_map(cfg: Config):
-    """The prepared data's vocabulary map when the teacher has another tokenizer (prepare
-    writes one only then), else None; ConfigError for a combination that cannot use it."""
-    from kubedistill import storage
-    from kubedistill.crosstok.vocab import VOCAB_MAP_FILE, VocabMap
-    from kubedistill.data.preflight import CROSS_TOKENIZER_ALGORITHMS
-
-    if not storage.exists(storage.join(cfg.prepared_path, VOCAB_MAP_FILE)):
-        return None
-    if cfg.kd.self_distillation or cfg.kd.kd_algorithm not in CROSS_TOKENIZER_ALGORITHMS:
-        raise ConfigError(f"{cfg.prepared_path} was prepared for a teacher with another "
-                          f"tokenizer: on-policy KD then needs kd_algorithm one of "
-                          f"{', '.join(CROSS_TOKENIZER_ALGORITHMS)} and no self_distillation "
-                          f"(got '{cfg.kd.kd_algorithm}')")
-    return VocabMap.load(cfg.prepared_path)
 
 
 @dataclass
@@ -165,6 +143,8 @@ class OnPolicyTrainer(Trainer):
         from kubedistill.models.loading import resolve_model_path
 
         self.teacher_path = resolve_model_path(self.teacher_ref, cfg.storage.model_cache_dir)
+        check_images(self.prompts.images is not None, self.vocab_map is not None,
+                     self._path(self.student_ref), self.teacher_path)
         self.bridge = None  # rank 0, with the engines
         head = TeacherHead.from_pretrained(self.teacher_path, cfg.model.trust_remote_code)
         self.build_student(head, lambda inner: WithDiagnostics(inner, t.chunked_loss_size,
@@ -269,7 +249,8 @@ class OnPolicyTrainer(Trainer):
                 [self.prompts.prompts[i] for i in chosen],
                 n_samples_per_prompt=r.n_samples_per_prompt, max_new_tokens=r.generate_max_len,
                 temperature=r.temperature, top_p=r.top_p,
-                seed=self.cfg.train.seed * 1_000_003 + c.iteration)
+                seed=self.cfg.train.seed * 1_000_003 + c.iteration,
+                images=self.prompts.images_of(chosen))
             times["rollout"] = time.perf_counter() - start
             start = time.perf_counter()
             self.colocation.sleep(self.rollout_engine)
@@ -298,14 +279,16 @@ class OnPolicyTrainer(Trainer):
                 stats)
 
     def teacher_states(self, requests) -> list[torch.Tensor]:
-        """The live teacher on ``requests``, ``teacher_forward_n_batches`` global batches
-        (``train_batch_size`` samples each) per forward call, as KDFlow groups them."""
+        """The live teacher on ``requests`` (with their images), ``teacher_forward_n_batches``
+        global batches (``train_batch_size`` samples each) per forward call, as KDFlow
+        groups them."""
         per_call = self.cfg.kd.teacher_forward_n_batches * self.cfg.train.train_batch_size
         hidden: list[torch.Tensor] = []
         for lo in range(0, len(requests), per_call):
             group = requests[lo:lo + per_call]
             hidden += self.teacher_engine.final_states([q.tokens for q in group],
-                                                       [q.positions for q in group])
+                                                       [q.positions for q in group],
+                                                       [q.images for q in group])
         return hidden
 
     def train_iteration(self, split, teacher, stats, progress, times) -> None:
@@ -314,7 +297,7 @@ class OnPolicyTrainer(Trainer):
         t = self.cfg.train
         self.train_batches = data.BatchBuilder(split, pad_id=self.pad_id,
                                                packing=self.cfg.data.packing_samples,
-                                               teacher=teacher)
+                                               teacher=teacher, images=self.images)
         kl = top1 = rows = 0.0
         samples = list(range(len(split)))
         for lo in range(0, len(samples), t.train_batch_size):

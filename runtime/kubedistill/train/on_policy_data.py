@@ -14,6 +14,12 @@ states are keyed by the student positions, so :class:`kubedistill.train.data.Bat
 joins and checks them as it does for the off-policy cache. A teacher with another tokenizer
 scores the re-tokenized response; its states keep the teacher's positions and the sample
 carries the alignment pairs, as a cross-tokenizer prepared split does (:class:`TeacherRequest`).
+
+Images (image-text data): each prompt carries its row's stored image bytes (the prepared
+``images`` column, None for a text row). Both prompts already hold the expanded image tokens
+(the student's processor for ``input_ids``, the teacher's for ``teacher_input_ids``), so the
+same bytes go to the rollout (``Sample.images``), to the teacher (``TeacherRequest.images``,
+``final_states(..., images)``) and to the training split (``PreparedSplit.images``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ class PromptSet:
     prompts: list[list[int]]
     teacher_prompts: list[list[int]]
     skipped: list[str]  # ids of prompts over prompt_max_len (or empty), left out
+    images: list[list[bytes] | None] | None = None  # per prompt its stored images; None: text
+
+    def images_of(self, indexes: list[int]) -> list[list[bytes] | None] | None:
+        """The stored images of the prompts at ``indexes`` (None for a text split)."""
+        return None if self.images is None else [self.images[i] for i in indexes]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,7 +65,9 @@ def load_prompts(prepared_path: str, split: str, prompt_max_len: int,
         raise DataError(f"no '{split}' split in {prepared_path}")
     cols = {c: table.column(c).to_pylist() for c in
             ("id", "input_ids", "prompt_len", "teacher_input_ids", "teacher_prompt_len")}
-    out = PromptSet([], [], [], [])
+    stored = table.column("images").to_pylist() if "images" in table.column_names \
+        else [None] * table.num_rows
+    out = PromptSet([], [], [], [], [])
     for i, sid in enumerate(cols["id"]):
         plen = cols["prompt_len"][i] or 0
         prompt = list(cols["input_ids"][i][:plen])
@@ -70,6 +83,9 @@ def load_prompts(prepared_path: str, split: str, prompt_max_len: int,
         out.ids.append(str(sid))
         out.prompts.append(prompt)
         out.teacher_prompts.append(teacher)
+        out.images.append(list(stored[i]) if stored[i] else None)
+    if not any(out.images):
+        out.images = None
     if out.skipped:
         log.warning("%d prompt(s) longer than prompt_max_len %d (or empty) left out: %s%s",
                     len(out.skipped), prompt_max_len, ", ".join(out.skipped[:10]),
@@ -90,7 +106,8 @@ def sample_arrays(sample: Sample) -> tuple[list[int], list[int]]:
 class TeacherRequest:
     """What the teacher scores for one rollout.
 
-    ``tokens``: teacher prompt + response in the teacher's ids; ``positions``: the teacher
+    ``tokens``: teacher prompt + response in the teacher's ids (image tokens expanded by the
+    teacher's processor); ``images``: the prompt's stored images; ``positions``: the teacher
     positions whose final states are needed (those predicting the response tokens);
     ``keys``: the positions the states are filed under for
     :class:`~kubedistill.train.data.BatchBuilder` -- the student's positions for the same
@@ -102,6 +119,7 @@ class TeacherRequest:
     positions: list[int]
     keys: list[int]
     pairs: np.ndarray | None = None
+    images: list[bytes] | None = None
 
 
 def teacher_requests(samples: list[Sample], teacher_prompts: list[list[int]],
@@ -124,7 +142,7 @@ def teacher_requests(samples: list[Sample], teacher_prompts: list[list[int]],
         positions = list(range(q - 1, q - 1 + m))
         p = len(s.prompt_ids)
         keys = positions if bridge is not None else list(range(p - 1, p - 1 + m))
-        out.append(TeacherRequest(list(prompt) + response, positions, keys, pair))
+        out.append(TeacherRequest(list(prompt) + response, positions, keys, pair, s.images))
     return out
 
 
@@ -146,7 +164,8 @@ class RolloutTeacher:
 
 def rollout_split(sample_ids: list[str], samples: list[Sample],
                   requests: list[TeacherRequest] | None = None) -> PreparedSplit:
-    """The iteration's training samples (with the cross-tokenizer pairs of ``requests``)."""
+    """The iteration's training samples (with the cross-tokenizer pairs of ``requests``, and
+    the samples' images when any has one)."""
     tokens, masks, offsets = [], [], [0]
     for s in samples:
         t, m = sample_arrays(s)
@@ -157,9 +176,10 @@ def rollout_split(sample_ids: list[str], samples: list[Sample],
     if requests is not None and any(r.pairs is not None for r in requests):
         pairs = [r.pairs for r in requests]
         teacher_tokens = [np.asarray(r.tokens, dtype=np.int64) for r in requests]
+    images = [s.images for s in samples] if any(s.images for s in samples) else None
     return PreparedSplit(list(sample_ids), np.asarray(tokens, dtype=np.int64),
                          np.asarray(masks, dtype=np.int8), np.asarray(offsets, dtype=np.int64),
-                         pairs, teacher_tokens)
+                         pairs, teacher_tokens, images)
 
 
 def rollout_teacher(sample_ids: list[str], requests: list[TeacherRequest],
