@@ -33,19 +33,23 @@ from kubedistill.shards.schema import SCHEMA_VERSION
 
 KEY_PARTS = ("teacher_weights", "tokenizer", "data", "dtype", "positions_policy", "topk",
              "teacher_signal")
+# parts only some keys have (``processor``: image-text teachers); hashed only when present,
+# so the keys of text caches keep their hashes
+OPTIONAL_KEY_PARTS = ("processor",)
 POSITIONS_POLICY = "teacher_mask_shift1/v1"  # positions = [i - 1 for i with m[i] == 1]
 MANIFEST = "manifest.json"
 
 
 def key_hash(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps({k: key[k] for k in KEY_PARTS},
-                                     sort_keys=True).encode()).hexdigest()
+    parts = {k: key[k] for k in KEY_PARTS}
+    parts.update({k: key[k] for k in OPTIONAL_KEY_PARTS if key.get(k) is not None})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def check_key(actual: dict[str, Any], expected: dict[str, Any], where: str = "") -> None:
     """Raise :class:`ArtifactMismatch` naming every key part that differs."""
     diffs = [f"{p}: cache has {actual.get(p)!r}, expected {expected.get(p)!r}"
-             for p in KEY_PARTS if actual.get(p) != expected.get(p)]
+             for p in (*KEY_PARTS, *OPTIONAL_KEY_PARTS) if actual.get(p) != expected.get(p)]
     if diffs:
         raise ArtifactMismatch(f"teacher cache {where} does not match this run; differing "
                                f"key part(s): {'; '.join(diffs)}")

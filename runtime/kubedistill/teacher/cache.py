@@ -1,7 +1,8 @@
 """The ``cache-teacher`` and ``merge-cache`` stages.
 
 ``cache_teacher(cfg)`` reads ``{prepared_path}/{train,eval}.parquet``, runs the teacher over
-each sample's teacher tokens (``teacher_input_ids`` if not null, else ``input_ids``) and keeps
+each sample's teacher tokens (``teacher_input_ids`` if not null, else ``input_ids``), with the
+row's stored ``images`` for image-text teachers (the tokens already hold their expansion), and keeps
 the final post-norm hidden states at ``positions = [i - 1 for i with m[i] == 1]``, ``m`` =
 ``teacher_loss_mask`` if not null else ``loss_mask``, and/or (``teacher_signal``) the
 top-``cache_topk`` log-probs there; a ``topk`` cache has no hidden states and no head files. Output under ``teacher_cache_path``:
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,12 @@ class TeacherRows:
     ids: list[str]
     tokens: list[np.ndarray]  # teacher token ids per sample
     positions: list[np.ndarray]  # loss positions per sample
+    images: list[list[bytes] | None] = field(default_factory=list)  # stored bytes per sample
+
+    def image_slice(self, sl: slice) -> list[list[bytes] | None] | None:
+        """``images[sl]``, or None when none of those samples has an image."""
+        part = self.images[sl] if self.images else []
+        return part if any(part) else None
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ def read_teacher_rows(prepared_path: str, split: str) -> TeacherRows:
     fs, path = storage.filesystem(uri)
     names = set(pq.read_schema(path, filesystem=fs).names)
     wanted = [c for c in ("id", "input_ids", "loss_mask", "teacher_input_ids",
-                          "teacher_loss_mask") if c in names]
+                          "teacher_loss_mask", "images") if c in names]
     table = pq.read_table(path, columns=wanted, filesystem=fs)
     student_ids, student_mask = _list_rows(table["input_ids"]), _list_rows(table["loss_mask"])
     t_ids = _list_rows(table["teacher_input_ids"]) if "teacher_input_ids" in names else []
@@ -114,7 +121,8 @@ def read_teacher_rows(prepared_path: str, split: str) -> TeacherRows:
                             f"entries for {len(tok)} teacher tokens")
         tokens.append(tok.astype(np.int64))
         positions.append(loss_positions(mask))
-    return TeacherRows(ids, tokens, positions)
+    images = table["images"].to_pylist() if "images" in names else []
+    return TeacherRows(ids, tokens, positions, [im or None for im in images])
 
 
 def plan_shards(rows: dict[str, TeacherRows], rows_per_shard: int) -> list[ShardPlan]:
@@ -153,19 +161,23 @@ def _topk(head: TeacherHead, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor
 
 
 def teacher_rows(engine, head: TeacherHead, cfg: Config, ids: list[str],
-                 tokens: list[np.ndarray], positions: list[np.ndarray]) -> list[ShardRow]:
+                 tokens: list[np.ndarray], positions: list[np.ndarray],
+                 images: list[list[bytes] | None] | None = None) -> list[ShardRow]:
     """The shard rows of some samples, holding the signal ``cfg.cache.teacher_signal`` asks
     for. Top-k comes from ``log_softmax(head(h))`` (float32), or straight from the engine
-    when it has ``final_topk`` (sglang) and no hidden states are kept."""
+    when it has ``final_topk`` (sglang) and no hidden states are kept. ``images[i]``: sample
+    i's stored image bytes (None for text rows); passed to the engine, with the sample ids
+    for its errors, only when some sample has images."""
     signal, k = cfg.cache.teacher_signal, cfg.cache.cache_topk
     direct = getattr(engine, "final_topk", None)
+    extra = {"images": images, "where": ids} if images else {}
     if not has_hidden(signal) and direct is not None:
-        tops = direct(tokens, positions, k)
+        tops = direct(tokens, positions, k, **extra)
         return [ShardRow(sid, pos, None, len(tok), lp, top_ids)
                 for sid, tok, pos, (lp, top_ids) in zip(ids, tokens, positions, tops,
                                                         strict=True)]
     rows = []
-    states = engine.final_states(tokens, positions)
+    states = engine.final_states(tokens, positions, **extra)
     for sid, tok, pos, h in zip(ids, tokens, positions, states, strict=True):
         topk = _topk(head, h, k) if k else (None, None)
         rows.append(ShardRow(sid, pos, h if has_hidden(signal) else None, len(tok), *topk))
@@ -248,7 +260,7 @@ def cache_teacher(cfg: Config) -> dict:
             data = rows[plan.split]
             sl = slice(plan.row_start, plan.row_end)
             shard_rows = teacher_rows(engine, head, cfg, data.ids[sl], data.tokens[sl],
-                                      data.positions[sl])
+                                      data.positions[sl], data.image_slice(sl))
             meta = {"split": plan.split, "index": plan.index, "row_start": plan.row_start,
                     "row_end": plan.row_end, "key_hash": key_hash}
             entries[plan.name] = write_shard(cache_uri, plan.name, shard_rows,

@@ -80,15 +80,38 @@ def make_engine(cfg: Config, model_path: str, model: torch.nn.Module | None = No
 
     if model is None:
         model = load_hf_teacher(cfg, model_path)
-    return HFTeacherEngine(model, batch_tokens=cfg.cache.teacher_batch_tokens)
+    return HFTeacherEngine(model, batch_tokens=cfg.cache.teacher_batch_tokens,
+                           processor=teacher_processor(cfg, model_path))
+
+
+def teacher_processor(cfg: Config, model_path: str):
+    """The image-text processor of an image-text teacher (None for a text model)."""
+    from kubedistill.vlm.model import is_image_text
+
+    if not is_image_text(model_path):
+        return None
+    from kubedistill.vlm.processing import load_processor
+
+    return load_processor(model_path, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def load_hf_teacher(cfg: Config, model_path: str) -> torch.nn.Module:
+    """The teacher in eval mode: ``AutoModelForImageTextToText`` for an image-text model
+    (:func:`kubedistill.vlm.model.auto_model_class`), else ``AutoModelForCausalLM``."""
     from kubedistill.models import load_causal_lm
+    from kubedistill.models.loading import resolve_attn_implementation
+    from kubedistill.vlm.model import auto_model_class, is_image_text
 
     device = resolve_device(cfg)
     dtype = torch.float32 if device == "cpu" or cfg.cache.cache_dtype == "fp32" \
         else torch.bfloat16
+    if is_image_text(model_path):
+        model = auto_model_class(model_path).from_pretrained(
+            model_path, dtype=dtype, local_files_only=True,
+            trust_remote_code=cfg.model.trust_remote_code,
+            attn_implementation=resolve_attn_implementation(cfg.model.attn_implementation,
+                                                            device, dtype))
+        return model.to(device).eval()
     return load_causal_lm(model_path, dtype=dtype, device=device,
                           attn_implementation=cfg.model.attn_implementation,
                           trust_remote_code=cfg.model.trust_remote_code)

@@ -11,6 +11,10 @@
   ``tokenizer_config.json``, ``tokenizer.model``, ``special_tokens_map.json``,
   ``vocab.json``, ``merges.txt``, ``added_tokens.json``, ``chat_template.jinja``,
   ``chat_template.json``): name + bytes, so the chat template is covered too.
+- ``processor`` (image-text teachers only) = sha256 of the teacher processor's JSON config
+  (``ImageTextProcessor.config()``: image size, resampling, image-token layout, chat
+  template), so a cache built for other pixels is refused; the image bytes themselves are
+  covered by ``data`` (``image_sha256`` is part of ``data_hash``).
 - ``data`` = ``data_hash`` of ``{prepared_path}/manifest.json``; without a manifest, the
   sha256 of ``train.parquet`` then ``eval.parquet`` bytes (prefixed ``files:``).
 """
@@ -90,7 +94,23 @@ def expected_cache_key(cfg: Config, model_path: str | None = None) -> dict[str, 
     """
     path = model_path or resolve_model_path(cfg.model.teacher_name_or_path,
                                             cfg.storage.model_cache_dir)
-    return {"teacher_weights": weights_hash(path), "tokenizer": tokenizer_hash(path),
-            "data": data_hash(cfg.prepared_path), "dtype": cfg.cache.cache_dtype,
-            "positions_policy": POSITIONS_POLICY, "topk": int(cfg.cache.cache_topk),
-            "teacher_signal": cfg.cache.teacher_signal}
+    key = {"teacher_weights": weights_hash(path), "tokenizer": tokenizer_hash(path),
+           "data": data_hash(cfg.prepared_path), "dtype": cfg.cache.cache_dtype,
+           "positions_policy": POSITIONS_POLICY, "topk": int(cfg.cache.cache_topk),
+           "teacher_signal": cfg.cache.teacher_signal}
+    processor = teacher_processor_hash(path, cfg.model.trust_remote_code)
+    if processor is not None:
+        key["processor"] = processor
+    return key
+
+
+def teacher_processor_hash(model_path: str, trust_remote_code: bool = False) -> str | None:
+    """The ``processor`` key part of an image-text teacher (None for a text model)."""
+    from kubedistill.vlm.model import is_image_text
+
+    if os.path.isfile(model_path) or not is_image_text(model_path):
+        return None
+    from kubedistill.data.image_rows import processor_hash
+    from kubedistill.vlm.processing import load_processor
+
+    return processor_hash(load_processor(model_path, trust_remote_code=trust_remote_code))
