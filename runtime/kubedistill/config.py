@@ -186,6 +186,7 @@ class DataConfig:
     eval_ratio: float = 0.05  # held-out share when no eval_dataset_path is given
     eval_max_samples: int = 200
     train_all_assistant_turns: bool = False  # False: the last assistant turn only (KDFlow)
+    max_image_pixels: int = 4096 * 4096  # width x height above which an image is a bad row
 
 
 @dataclass

@@ -127,6 +127,7 @@ FIELD_RULES: dict[str, Rule] = {
     "rollout_mem_fraction_static": OPEN_UNIT,
     "rollout_backend": choice("auto", "hf", "sglang"),
     # data
+    "max_image_pixels": POSITIVE,
     "max_len": POSITIVE, "prompt_max_len": POSITIVE, "max_samples": POSITIVE,
     "preprocess_num_workers": NON_NEGATIVE, "on_bad_row": choice("skip", "fail"),
     "length_policy": choice("filter", "truncate"),

@@ -13,6 +13,11 @@ teacher reads ``input_ids``. When the vocabularies differ, ``ct_align`` holds th
 With ``length_policy: truncate`` and a shared vocabulary the
 teacher keeps as many tokens after its prompt as the student does, so targets stay aligned.
 
+Image-text runs (an image-text student or teacher, or ``image_key`` set) encode chat rows
+with each model's own processor instead (:mod:`kubedistill.data.image_rows`): expanded image
+tokens, ``images`` (the stored bytes) and ``image_sha256``; a sample over ``max_len`` after
+expansion is a ``filtered_too_long`` length event; a bad image is a bad row.
+
 Bad rows: each is reported once as ``{split, source, file, row, id, field, reason}``; with
 ``on_bad_row: fail`` the first one raises DataError naming file, row and field instead.
 
@@ -30,14 +35,15 @@ from typing import Any
 
 import jinja2
 
-from kubedistill import storage
 from kubedistill.config import Config
 from kubedistill.data.chat import RowError, normalise
 from kubedistill.data.formats import Record, Source
+from kubedistill.data.image_rows import ImageRows
 from kubedistill.data.masks import ChatEncoder
 from kubedistill.data.preflight import TokenizerPair
 from kubedistill.data.selection import LengthFiltered, fit_length
 from kubedistill.errors import DataError
+from kubedistill.vlm.inputs import ExpandedTooLong
 
 _UNLIMITED = 1 << 62
 MAX_LISTED = 100  # filtered ids kept in the manifest
@@ -61,6 +67,9 @@ class SampleBuilder:
             if self.teacher_reason:
                 self.teacher = (self.student if pair.teacher is pair.student
                                 else ChatEncoder(pair.teacher, **options))
+        self.image_rows = ImageRows.for_run(cfg, pair, self.teacher_reason)
+        if self.image_rows is not None and self.image_rows.teacher is not None:
+            self.teacher_reason = self.image_rows.teacher_reason
         self._reset_state()
         # cross-tokenizer alignment (different vocabularies): token byte tables of both sides
         self.ct_tables = None
@@ -68,6 +77,11 @@ class SampleBuilder:
             from kubedistill.crosstok.vocab import token_table
 
             self.ct_tables = (token_table(pair.student), token_table(pair.teacher))
+
+    @property
+    def teacher_tokenization(self) -> bool:
+        """Whether the teacher gets its own columns (its tokenizer or processor differs)."""
+        return self.teacher is not None or bool(self.image_rows and self.image_rows.teacher)
 
     # ---- accumulated state ---------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -116,11 +130,25 @@ class SampleBuilder:
     def build(self, source: Source, record: Record, split: str,
               suffix: str = "") -> dict[str, Any] | None:
         """The prepared row of ``record``, or None (reported as bad or length-filtered)."""
+        sample_id = source.row_id(record) + suffix
+        images = hashes = None
+        row = record.data or {}
         try:
-            conv = normalise(record.data or {}, self.data)
-            images = _images(record.data or {}, self.data.image_key)
-            enc = self.student.encode(conv)
-            t_enc = self.teacher.encode(conv, conv.teacher_messages) if self.teacher else None
+            conv = normalise(row, self.data, images=self.image_rows is not None)
+            if self.image_rows is not None and conv.messages is not None:
+                encoded = self.image_rows.encode(conv, row, record.file)
+                enc, t_enc = encoded.student, encoded.teacher
+                images, hashes = encoded.images, encoded.sha256
+            else:
+                if self.data.image_key and row.get(self.data.image_key) is not None:
+                    raise RowError(self.data.image_key, "images need a conversation (a "
+                                   "messages list or a prompt/response pair), not plain text")
+                enc = self.student.encode(conv)
+                t_enc = self.teacher.encode(conv, conv.teacher_messages) if self.teacher \
+                    else None
+        except ExpandedTooLong:
+            self._filtered(split, "filtered_too_long", sample_id)
+            return None
         except RowError as exc:
             self.report_bad(source, record, exc.field, exc.reason, split)
             return None
@@ -128,7 +156,6 @@ class SampleBuilder:
             self.report_bad(source, record, self.data.input_key,
                             f"chat template error: {exc}", split)
             return None
-        sample_id = source.row_id(record) + suffix
         events: list[str] = []
         d = self.data
         try:
@@ -147,9 +174,7 @@ class SampleBuilder:
                     t_ids, t_mask, t_plen, max_len=limit, prompt_max_len=_UNLIMITED,
                     policy=d.length_policy, events=events)
         except LengthFiltered as exc:
-            self.length[split][exc.reason] += 1
-            if len(self.filtered_ids) < MAX_LISTED:
-                self.filtered_ids.append(sample_id)
+            self._filtered(split, exc.reason, sample_id)
             return None
         for event in dict.fromkeys(events):  # once each, in order (deterministic key order)
             self.length[split][event] += 1
@@ -166,25 +191,10 @@ class SampleBuilder:
         return {"id": sample_id, "input_ids": ids, "loss_mask": mask, "prompt_len": plen,
                 "teacher_input_ids": t_ids, "teacher_loss_mask": t_mask,
                 "teacher_prompt_len": t_plen, "response": conv.response, "label": conv.label,
-                "images": images, "ct_align": ct_align}
+                "images": images, "image_sha256": hashes, "ct_align": ct_align}
 
+    def _filtered(self, split: str, reason: str, sample_id: str) -> None:
+        self.length[split][reason] += 1
+        if len(self.filtered_ids) < MAX_LISTED:
+            self.filtered_ids.append(sample_id)
 
-def _images(row: dict[str, Any], key: str | None) -> list[bytes] | None:
-    """Raw image bytes of ``row[image_key]``: bytes, ``{"bytes"}``/``{"path"}`` or paths."""
-    if not key or row.get(key) is None:
-        return None
-    value = row[key]
-    out = []
-    for item in value if isinstance(value, list) else [value]:
-        if isinstance(item, dict):
-            item = item.get("bytes") or item.get("path")
-        if isinstance(item, (bytes, bytearray)):
-            out.append(bytes(item))
-        elif isinstance(item, str):
-            try:
-                out.append(storage.read_bytes(item))
-            except OSError as exc:
-                raise RowError(key, f"cannot read image {item}: {exc}") from exc
-        else:
-            raise RowError(key, f"unsupported image value of type {type(item).__name__}")
-    return out

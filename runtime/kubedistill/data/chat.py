@@ -27,6 +27,11 @@ as a string. ``teacher_input_key`` names a different prompt for the teacher (a s
 messages list without the reply); the teacher gets the same final assistant reply, so it
 needs rows with a single assistant turn.
 
+With ``images=True`` (image-text runs, :mod:`kubedistill.data.image_rows`) a content-part
+list that holds image parts (``{"type": "image"}`` / ``"image_url"``) is kept as a list, text
+parts checked, for :func:`kubedistill.data.images.attach_images`; without it such a part is a
+bad row (a text model cannot read it).
+
 Contract: :func:`normalise` raises :class:`RowError` (field + reason) for any row it cannot
 use; it never returns a conversation without a target.
 """
@@ -85,7 +90,18 @@ class Conversation:
         """Text of the last assistant turn ("" for plain text)."""
         if not self.messages:
             return ""
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
+        return text_of(next(m["content"] for m in reversed(self.messages)
+                            if m["role"] == "assistant"))
+
+
+_IMAGE_PARTS = ("image", "image_url")
+
+
+def text_of(content: str | list[dict[str, Any]]) -> str:
+    """The text of message content: the string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p.get("type") == "text")
 
 
 def _check_text(value: Any, field: str) -> str:
@@ -100,20 +116,26 @@ def _check_text(value: Any, field: str) -> str:
     return value
 
 
-def _content(value: Any, field: str) -> str:
+def _content(value: Any, field: str, images: bool = False) -> str | list[dict[str, Any]]:
     if isinstance(value, list):  # OpenAI content parts
-        texts = []
+        parts, has_image = [], False
         for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise RowError(field, f"unsupported content part '{kind}' (text only)")
-            texts.append(_check_text(part.get("text"), field))
-        return "".join(texts)
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if images and kind in _IMAGE_PARTS:
+                parts.append(dict(part))
+                has_image = True
+                continue
+            if kind != "text":
+                allowed = "text and image" if images else "text only"
+                raise RowError(field, f"unsupported content part '{kind}' ({allowed})")
+            parts.append({"type": "text", "text": _check_text(part.get("text"), field)})
+        return parts if has_image else text_of(parts)
     return _check_text(value, field)
 
 
-def parse_messages(value: Any, field: str) -> list[dict[str, str]]:
-    """A list of OpenAI or ShareGPT turns -> ``[{"role", "content"}]`` (roles mapped)."""
+def parse_messages(value: Any, field: str, images: bool = False) -> list[dict[str, Any]]:
+    """A list of OpenAI or ShareGPT turns -> ``[{"role", "content"}]`` (roles mapped);
+    ``images``: content with image parts stays a part list (see the module docstring)."""
     if not isinstance(value, list) or not value:
         raise RowError(field, "expected a non-empty list of messages")
     out = []
@@ -130,7 +152,7 @@ def parse_messages(value: Any, field: str) -> list[dict[str, str]]:
         mapped = _ROLES.get(str(role).lower())
         if mapped is None:
             raise RowError(where, f"unsupported role '{role}' (system/user/assistant)")
-        out.append({"role": mapped, "content": _content(content, where)})
+        out.append({"role": mapped, "content": _content(content, where, images)})
     return out
 
 
@@ -146,19 +168,19 @@ def check_order(messages: list[dict[str, str]], field: str, *, final: str) -> No
         raise RowError(field, f"conversation must end with a{'n' if final[0] == 'a' else ''} "
                               f"{final} turn")
     for m in body:
-        if m["role"] == "assistant" and not m["content"].strip():
+        if m["role"] == "assistant" and not text_of(m["content"]).strip():
             raise RowError(field, "empty response")
 
 
-def _prompt(value: Any, field: str) -> list[dict[str, str]]:
+def _prompt(value: Any, field: str, images: bool = False) -> list[dict[str, Any]]:
     if not isinstance(value, list):
         return [{"role": "user", "content": _check_text(value, field)}]
-    messages = parse_messages(value, field)
+    messages = parse_messages(value, field, images)
     check_order(messages, field, final="user")
     return messages
 
 
-def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
+def normalise(row: dict[str, Any], data: DataConfig, images: bool = False) -> Conversation:
     """One raw row -> a :class:`Conversation` (see the module docstring)."""
     key, out_key = data.input_key, data.output_key
     if key not in row:
@@ -180,16 +202,16 @@ def normalise(row: dict[str, Any], data: DataConfig) -> Conversation:
             raise RowError(key, "empty text")
     else:
         if out_key is None:
-            messages = parse_messages(value, key)
+            messages = parse_messages(value, key, images)
         else:
             if out_key not in row:
                 raise RowError(out_key, "missing key")
-            messages = _prompt(value, key)
+            messages = _prompt(value, key, images)
             if not isinstance(value, list):
                 messages[-1]["content"] = _templated(messages[-1]["content"], data)
             reply = row[out_key]
             if isinstance(reply, list):
-                messages += parse_messages(reply, out_key)
+                messages += parse_messages(reply, out_key, images)
             else:
                 messages.append({"role": "assistant", "content": _check_text(reply, out_key)})
         check_order(messages, out_key or key, final="assistant")

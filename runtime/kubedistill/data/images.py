@@ -47,6 +47,7 @@ from kubedistill.errors import DataError
 IMAGE_PLACEHOLDER = "<image>"
 _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)})")
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_OBJECT_ADDRESS = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
@@ -141,7 +142,8 @@ def decode_image(data: bytes, *, field: str, limits: ImageLimits = ImageLimits()
     except RowError:
         raise
     except Exception as exc:  # PIL raises many types for broken files
-        raise RowError(field, f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        detail = _OBJECT_ADDRESS.sub("the image bytes", str(exc))  # same text on every run
+        raise RowError(field, f"cannot decode image: {type(exc).__name__}: {detail}") from exc
     if width == 0 or height == 0:
         raise RowError(field, "image has no pixels")
     return DecodedImage(rgb, hashlib.sha256(data).hexdigest(), data)

@@ -4,9 +4,12 @@
 
 1. load the student's (and teacher's) tokenizer and run the tokenizer-pair preflight, which
    refuses a same-vocabulary algorithm for mismatched tokenizers (ConfigError);
-2. fingerprint the run (sha256 of every input file, the tokenizer files, the data config);
-   when ``manifest.json`` already holds that fingerprint and the split files still match
-   their checksums, return it untouched (a rerun is a no-op);
+2. fingerprint the run (sha256 of every input file, the tokenizer files, the image-text
+   processors' configs, the data config); when ``manifest.json`` already holds that
+   fingerprint and the split files still match their checksums, return it untouched (a
+   rerun is a no-op). Image-text runs (:mod:`kubedistill.data.image_rows`) also read image
+   files that rows name by path, which the fingerprint does not cover: they rebuild the rows
+   and return the old manifest untouched only when the split files come out identical;
 3. otherwise delete the old manifest FIRST (so a half-rewritten folder never looks
    complete), read the train datasets, draw the mixture (``train_dataset_probs``,
    ``max_samples``), build rows (:class:`~kubedistill.data.build.SampleBuilder`), and take
@@ -56,18 +59,21 @@ def prepare(cfg: Config) -> dict[str, Any]:
         raise ConfigError("prepare needs train_dataset_path")
     eval_refs = split_list(data.eval_dataset_path)
     pair = load_pair(cfg)
-    fingerprint = _fingerprint(cfg, pair.fingerprint(), train_refs, eval_refs)
+    builder = SampleBuilder(cfg, pair)
+    processors = builder.image_rows.fingerprint() if builder.image_rows else {}
+    fingerprint = _fingerprint(cfg, {**pair.fingerprint(), **processors}, train_refs,
+                               eval_refs)
     current = _up_to_date(out, fingerprint)
-    if current is not None:
+    if current is not None and builder.image_rows is None:
         log.info("prepare: %s is up to date (fingerprint %s); nothing to do", out,
                  fingerprint[:12])
         return current
+    # image files named by path are not in the fingerprint: an image-text run rebuilds and
+    # keeps the existing output when the split files come out byte-identical
     manifest_uri = storage.join(out, "manifest.json")
-    if storage.exists(manifest_uri):
-        fs, path = storage.filesystem(manifest_uri)
-        fs.rm(path)
+    if current is None:
+        _remove(manifest_uri)
 
-    builder = SampleBuilder(cfg, pair)
     probs = [float(p) for p in split_list(data.train_dataset_probs)] or None
     sources = _read_all(train_refs, data.train_split, "train", builder)
     plan, mixture = mixture_plan([len(v) for _, v in sources], probs, data.max_samples,
@@ -100,7 +106,14 @@ def prepare(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"token id {builder.max_student_id} does not fit the student's "
                           f"{rows} embedding rows; the tokenizer and model do not match")
 
-    splits = _write_data(out, {"train": train_rows, "eval": eval_rows}, builder.bad)
+    blobs, splits = _split_files({"train": train_rows, "eval": eval_rows})
+    if current is not None and all(current["splits"][s]["sha256"] == splits[s]["sha256"]
+                                   for s in prepared.SPLITS):
+        log.info("prepare: %s is up to date (fingerprint %s, images unchanged); nothing to do",
+                 out, fingerprint[:12])
+        return current
+    _remove(manifest_uri)
+    _write_data(out, blobs, builder.bad)
     cross_tokenizer = _write_vocab_map(out, pair, builder)
     manifest = {
         "schema_version": prepared.SCHEMA_VERSION, "stage": "prepare",
@@ -112,8 +125,9 @@ def prepare(cfg: Config) -> dict[str, Any]:
                    for split, group in (("train", sources), ("eval", eval_sources))
                    for d, (src, _) in enumerate(group)],
         "mixture": mixture,
-        "tokenizers": {"student": pair.student_info, "teacher": pair.teacher_info,
-                       "teacher_tokenization": builder.teacher is not None,
+        "tokenizers": {"student": _with_processor(pair.student_info, processors, "student"),
+                       "teacher": _with_processor(pair.teacher_info, processors, "teacher"),
+                       "teacher_tokenization": builder.teacher_tokenization,
                        "teacher_tokenization_reason": builder.teacher_reason,
                        "chat_template_applied": builder.student.use_template},
         "preflight": pair.report,
@@ -134,19 +148,40 @@ def prepare(cfg: Config) -> dict[str, Any]:
     return manifest
 
 
-def _write_data(out: str, rows: dict[str, list], bad: list[dict[str, Any]]) -> dict:
-    """Write the split files and the bad-row report; returns the manifest's ``splits``."""
-    splits = {}
+def _with_processor(info: dict[str, Any] | None, processors: dict[str, str],
+                    side: str) -> dict[str, Any] | None:
+    """A tokenizer report with ``processor_hash`` added in image-text runs (the teacher's
+    is the student's when it reads the student's columns)."""
+    if info is None or not processors:
+        return info
+    value = processors.get(f"{side}_processor", processors["student_processor"])
+    return {**info, "processor_hash": value}
+
+
+def _remove(uri: str) -> None:
+    if storage.exists(uri):
+        fs, path = storage.filesystem(uri)
+        fs.rm(path)
+
+
+def _split_files(rows: dict[str, list]) -> tuple[dict[str, bytes], dict]:
+    """The Parquet bytes of each split and the manifest's ``splits``."""
+    blobs, splits = {}, {}
     for split, split_rows in rows.items():
         table = prepared.to_table(split_rows)
-        blob = prepared.table_bytes(table)
-        storage.write_bytes_atomic(storage.join(out, f"{split}.parquet"), blob)
+        blobs[split] = prepared.table_bytes(table)
         splits[split] = {**prepared.split_stats(table), "file": f"{split}.parquet",
-                         "sha256": storage.sha256_bytes(blob),
+                         "sha256": storage.sha256_bytes(blobs[split]),
                          "content_hash": prepared.content_hash(table)}
+    return blobs, splits
+
+
+def _write_data(out: str, blobs: dict[str, bytes], bad: list[dict[str, Any]]) -> None:
+    """Write the split files and the bad-row report."""
+    for split, blob in blobs.items():
+        storage.write_bytes_atomic(storage.join(out, f"{split}.parquet"), blob)
     storage.write_bytes_atomic(storage.join(out, "bad_rows.jsonl"), "".join(
         json.dumps(b, ensure_ascii=False) + "\n" for b in bad).encode())
-    return splits
 
 
 def _write_vocab_map(out: str, pair, builder: SampleBuilder) -> dict[str, Any] | None:

@@ -29,12 +29,14 @@ SCHEMA = pa.schema([
     ("teacher_prompt_len", pa.int32()),
     ("response", pa.string()),
     ("label", pa.string()),
-    ("images", pa.list_(pa.binary())),
+    ("images", pa.list_(pa.binary())),  # stored image bytes, in placeholder order
+    ("image_sha256", pa.list_(pa.string())),  # sha256 of each of ``images``
     ("num_tokens", pa.int32()),
     # cross-tokenizer: (student_pos, teacher_pos) pairs flattened, see kubedistill.crosstok
     ("ct_align", pa.list_(pa.int32())),
 ])
 _HASHED = ("id", "input_ids", "loss_mask", "teacher_input_ids", "teacher_loss_mask", "label")
+_IMAGE_HASHED = "image_sha256"  # hashed only when some row has images
 
 
 def to_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -51,10 +53,15 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def content_hash(table: pa.Table) -> str:
-    """sha256 of the sample content (ids, tokens, masks, labels), independent of Parquet's
-    encoding, so equal data gives an equal hash across pyarrow versions."""
+    """sha256 of the sample content (ids, tokens, masks, labels, and ``image_sha256`` when
+    some row has images, so text data keeps its hash), independent of Parquet's encoding, so
+    equal data gives an equal hash across pyarrow versions."""
     h = hashlib.sha256()
-    for name in _HASHED:
+    names = list(_HASHED)
+    if _IMAGE_HASHED in table.column_names and table.column(_IMAGE_HASHED).null_count \
+            < table.num_rows:
+        names.append(_IMAGE_HASHED)
+    for name in names:
         h.update(name.encode() + b"\0")
         h.update(json.dumps(table.column(name).to_pylist(), separators=(",", ":")).encode())
     return h.hexdigest()
