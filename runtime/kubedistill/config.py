@@ -193,7 +193,7 @@ class DataConfig:
 class EvalConfig:
     """kubedistill: the evaluate stage and the quality gate."""
 
-    eval_task: str = "auto"  # auto | gsm8k | rouge | none
+    eval_task: str = "auto"  # auto | gsm8k | rouge | exact_match | none
     eval_metric: str = "eval_ce"  # the key of metrics.json that becomes `score`
     eval_higher_is_better: bool = False
     eval_max_new_tokens: int = 128

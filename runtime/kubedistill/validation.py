@@ -133,7 +133,7 @@ FIELD_RULES: dict[str, Rule] = {
     "length_policy": choice("filter", "truncate"),
     "eval_ratio": Rule(low=0, high=1, high_open=True), "eval_max_samples": NON_NEGATIVE,
     # eval
-    "eval_task": choice("auto", "gsm8k", "rouge", "none"), "eval_max_new_tokens": POSITIVE,
+    "eval_task": choice("auto", "gsm8k", "rouge", "exact_match", "none"), "eval_max_new_tokens": POSITIVE,
     "eval_num_generations": NON_NEGATIVE, "min_improvement": NON_NEGATIVE,
     # logging, tracking
     "logging_steps": POSITIVE, "tracking_end_wait_s": NON_NEGATIVE,

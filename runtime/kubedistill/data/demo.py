@@ -107,7 +107,13 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def resolve_packaged(name: str, cache_dir: str | None = None) -> str:
-    """Local path of packaged dataset ``name`` (``gsm8k-train`` or ``gsm8k-eval``)."""
+    """Local path of packaged dataset ``name``: ``gsm8k-train`` / ``gsm8k-eval``, or the
+    image caption demo ``captions-train`` / ``captions-eval`` (:mod:`.demo_vlm`)."""
+    from kubedistill.data import demo_vlm
+
+    if name in demo_vlm.NAMES:
+        return demo_vlm.ensure_captions(cache_dir)[name]
     if name not in NAMES:
-        raise ConfigError(f"unknown packaged dataset '{name}'; known: {', '.join(NAMES)}")
+        known = ", ".join((*NAMES, *demo_vlm.NAMES))
+        raise ConfigError(f"unknown packaged dataset '{name}'; known: {known}")
     return ensure_demo(cache_dir)[name]

@@ -7,6 +7,9 @@
 - GSM8K exact match: the final number of a text is the one after ``####`` if present, else the
   last number in the text; commas, ``$`` and a trailing ``.`` are ignored; two numbers match
   when they are equal as decimals (``72 == 72.0``).
+- Exact match (short answers, e.g. visual question answering): the two texts' ROUGE word
+  tokens (lower-cased ``[a-z0-9]`` runs) are equal, so case, punctuation and spacing are
+  ignored (``"A lion." == "a lion"``).
 - Perplexity is ``exp(CE)`` with CE the mean per-token cross-entropy in nats.
 """
 
@@ -93,11 +96,33 @@ def looks_numeric(labels: Iterable[str | None]) -> bool:
     return numeric >= 0.8 * len(values)
 
 
-def resolve_task(task: str, labels: Iterable[str | None]) -> str:
-    """``auto`` -> ``gsm8k`` if the labels look numeric else ``rouge``; others pass through."""
+def exact_match(candidate: str, reference: str) -> bool:
+    """Equal word tokens (see module doc); an empty reference matches nothing."""
+    ref = rouge_tokens(reference)
+    return bool(ref) and rouge_tokens(candidate) == ref
+
+
+SHORT_ANSWER_WORDS = 3
+
+
+def looks_short(references: Iterable[str | None]) -> bool:
+    """True when at least 80% of the non-empty references have at most
+    :data:`SHORT_ANSWER_WORDS` words (short answers, not captions)."""
+    values = [rouge_tokens(x) for x in references if x]
+    if not values:
+        return False
+    return sum(len(v) <= SHORT_ANSWER_WORDS for v in values) >= 0.8 * len(values)
+
+
+def resolve_task(task: str, labels: Iterable[str | None],
+                 references: Iterable[str | None] = ()) -> str:
+    """``auto`` -> ``gsm8k`` if the labels look numeric, else ``exact_match`` if the reference
+    responses are short (:func:`looks_short`), else ``rouge``; others pass through."""
     if task != "auto":
         return task
-    return "gsm8k" if looks_numeric(labels) else "rouge"
+    if looks_numeric(labels):
+        return "gsm8k"
+    return "exact_match" if looks_short(references) else "rouge"
 
 
 def perplexity(ce: float) -> float:
@@ -111,5 +136,5 @@ def perplexity(ce: float) -> float:
 # metric name -> higher is better (for the keys the evaluate stage writes)
 METRIC_DIRECTIONS: dict[str, bool] = {
     "eval_ce": False, "eval_ppl": False, "eval_kl": False, "eval_top1_agreement": True,
-    "eval_accuracy": True, "eval_rouge_l": True, "eval_task_score": True,
+    "eval_accuracy": True, "eval_rouge_l": True, "eval_exact_match": True, "eval_task_score": True,
 }

@@ -79,12 +79,17 @@ def pad_rows(input_ids: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[i
     return Batch(ids, attn, mask, list(rows))
 
 
-def target_hidden(model: torch.nn.Module, batch: Batch, device: torch.device | str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def target_hidden(model: torch.nn.Module, batch: Batch, device: torch.device | str,
+                  images=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Final post-norm hidden states at prediction positions [N, d], their targets [N] and
-    batch-row index [N] (all on ``device``)."""
+    batch-row index [N] (all on ``device``). ``images``
+    (:class:`~kubedistill.evaluate.vision.EvalImages`, image-text models) adds the rows'
+    pixels and the model's own positions to the forward."""
     ids = batch.input_ids.to(device)
-    out = model.base_model(input_ids=ids, attention_mask=batch.attention_mask.to(device))
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if images is not None:
+        kwargs = images.forward_inputs(model, batch.input_ids, batch.attention_mask, batch.rows)
+    out = model.base_model(**{k: v.to(device) for k, v in kwargs.items()})
     b, pos = batch.target_positions()
     b, pos = b.to(device), pos.to(device)
     return out.last_hidden_state[b, pos], ids[b, pos + 1], b
@@ -149,12 +154,14 @@ class TokenStats:
         return out
 
 
-def token_ce(model: torch.nn.Module, batches: Iterator[Batch], device: str) -> tuple[float, int]:
-    """Mean CE of ``model`` over all target tokens of ``batches`` and the token count."""
+def token_ce(model: torch.nn.Module, batches: Iterator[Batch], device: str,
+             images=None) -> tuple[float, int]:
+    """Mean CE of ``model`` over all target tokens of ``batches`` and the token count
+    (``images`` as for :func:`target_hidden`)."""
     head = TeacherHead.from_model(model)
     stats = TokenStats()
     with torch.inference_mode():
         for batch in batches:
-            hidden, targets, rows = target_hidden(model, batch, device)
+            hidden, targets, rows = target_hidden(model, batch, device, images)
             stats.add(head, hidden, targets, rows)
     return (stats.ce_sum / stats.tokens if stats.tokens else float("nan")), stats.tokens

@@ -20,7 +20,9 @@ with which teacher position (:func:`compared_pairs`):
 The cache holds the final hidden states at the teacher's target positions
 (``TeacherCache.get(id).positions``: the student's positions for same-tokenizer data, the
 teacher's for cross-tokenizer data); a live teacher is run on the teacher's tokens and its
-final hidden states are taken at the compared positions.
+final hidden states are taken at the compared positions. An image-text teacher
+(``images``: :class:`~kubedistill.evaluate.vision.EvalImages` with the TEACHER's processor)
+reads the rows' images through its own processor, with its own positions.
 """
 
 from __future__ import annotations
@@ -103,9 +105,10 @@ class LiveSignal(_Signal):
 
     kind = "live"
 
-    def __init__(self, model: torch.nn.Module, device: str, vocab_map: VocabMap | None = None):
+    def __init__(self, model: torch.nn.Module, device: str, vocab_map: VocabMap | None = None,
+                 images=None):
         super().__init__(TeacherHead.from_model(model), vocab_map)
-        self.model, self.device = model, device
+        self.model, self.device, self.images = model, device, images
 
     def _states(self, batch, rows, pairs):
         if not pairs:
@@ -117,8 +120,14 @@ class LiveSignal(_Signal):
             tb = pad_rows([r["teacher_input_ids"] for r in picked],
                           [r["teacher_loss_mask"] for r in picked], [0] * len(picked))
             at = list(range(len(pairs)))
-        out = self.model.base_model(input_ids=tb.input_ids.to(self.device),
-                                    attention_mask=tb.attention_mask.to(self.device))
+        kwargs = {"input_ids": tb.input_ids, "attention_mask": tb.attention_mask}
+        if self.images is not None:  # same tokens (cross-tokenizer VLM pairs are refused):
+            sel = torch.as_tensor(at)  # only the compared rows, whose expansion is shared
+            kwargs = self.images.forward_inputs(self.model, tb.input_ids[sel],
+                                                tb.attention_mask[sel],
+                                                [batch.rows[k] for k in at])
+            at = list(range(len(at)))
+        out = self.model.base_model(**{k: v.to(self.device) for k, v in kwargs.items()})
         h = out.last_hidden_state
         return [(e, h[a, q.to(h.device)]) for a, (_, e, q) in zip(at, pairs, strict=True)]
 

@@ -12,6 +12,11 @@ SmolLM2-135M-Instruct) and writes an ``Idefics3ForConditionalGeneration`` direct
 - the vision tower (SigLIP layout, default B/16 at 512 px, ``scale_factor`` 4, so 64 image
   tokens per image) and the connector are **randomly initialised**.
 
+``packaged:smollm2-idefics3-demo`` (:func:`ensure_demo_vlm`) builds it once into the model
+cache from ``packaged:smollm2-135m-instruct`` with :data:`DEMO_VISION`: the SigLIP-B/16
+block shape, but 4 blocks at 256 px (256 patches, 16 image tokens per image), so the
+recipe runs on CPU. (SmolVLM-256M itself uses 12 blocks at 512 px and 64 image tokens.)
+
 This teacher does not understand images: it exercises real-scale text on real images (token
 counts, memory, throughput, cache sizes), not quality. Its chat template is SmolLM2's ChatML
 with ``{"type": "image"}`` parts rendered as ``<image>``.
@@ -30,6 +35,33 @@ _CHATML_WITH_IMAGES = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SIGLIP_B16_512 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                       num_attention_heads=12, image_size=512, patch_size=16)
+
+
+DEMO_VISION = dict(SIGLIP_B16_512, num_hidden_layers=4, image_size=256)
+DEMO_NAME = "smollm2-idefics3-demo"
+
+
+def ensure_demo_vlm(cache_dir: str | None = None) -> str:
+    """The directory of ``packaged:smollm2-idefics3-demo``, built on first use (about 30 s)
+    beside its final place and renamed into it, so a crash leaves no half model."""
+    import os
+    import shutil
+    import tempfile
+
+    from kubedistill.models.packaged import ensure_imported, model_cache_dir
+
+    root = model_cache_dir(cache_dir)
+    final = os.path.join(root, DEMO_NAME)
+    if os.path.exists(os.path.join(final, "config.json")):
+        return final
+    text_dir = ensure_imported("smollm2-135m-instruct", cache_dir)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{DEMO_NAME}-") as tmp:
+        build_smollm2_idefics3(os.path.join(tmp, "model"), text_dir=text_dir,
+                               vision=DEMO_VISION)
+        if not os.path.exists(os.path.join(final, "config.json")):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(os.path.join(tmp, "model"), final)
+    return final
 
 
 def build_smollm2_idefics3(out_dir: str, *, text_dir: str, vision: dict | None = None,

@@ -84,9 +84,15 @@ def gguf_file(name: str, workdir: str) -> str:
 
 
 def ensure_imported(name: str, cache_dir: str | None = None) -> str:
-    """The safetensors directory of packaged model ``name``, importing it on first use."""
+    """The safetensors directory of packaged model ``name``, importing it on first use
+    (``smollm2-idefics3-demo``: the demo VLM teacher, :mod:`kubedistill.models.demo_vlm`)."""
+    from kubedistill.models import demo_vlm
+
+    if name == demo_vlm.DEMO_NAME:
+        return demo_vlm.ensure_demo_vlm(cache_dir)
     if name not in PACKAGED:
-        raise ConfigError(f"unknown packaged model '{name}'; known: {', '.join(PACKAGED)}")
+        known = ", ".join((*PACKAGED, demo_vlm.DEMO_NAME))
+        raise ConfigError(f"unknown packaged model '{name}'; known: {known}")
     root = model_cache_dir(cache_dir)
     final = os.path.join(root, name)
     if os.path.exists(os.path.join(final, "config.json")):
