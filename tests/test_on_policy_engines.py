@@ -120,7 +120,7 @@ def test_teacher_forwards_n_global_batches_at_once(world_of_one, base, tmp_path,
         seen: list[int] = []
         real = trainer.teacher_engine.final_states
         trainer.teacher_engine.final_states = \
-            lambda seqs, pos: seen.append(len(seqs)) or real(seqs, pos)
+            lambda seqs, pos, *images: seen.append(len(seqs)) or real(seqs, pos, *images)
         trainer.sync()
         trainer.rollout({})
         assert seen == calls  # 4 prompts x 2 samples, train_batch_size 4

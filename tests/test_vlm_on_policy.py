@@ -44,8 +44,10 @@ def _photos(n: int) -> list[bytes]:
     return out
 
 
-def _rows(model_dir: str, n: int) -> list[dict]:
-    """Row ``i`` has ``(i % 3) or 1`` images, except row 3, a text row."""
+def _rows(model_dir: str, n: int, teacher_view: bool = False) -> list[dict]:
+    """Row ``i`` has ``(i % 3) or 1`` images, except row 3, a text row. ``teacher_view``:
+    every row also has ``teacher_input_ids`` (a system prompt before the same chat and
+    images), the teacher's own view as ``teacher_input_key`` gives it."""
     from kubedistill.data.images import attach_images
     from kubedistill.vlm.inputs import encode_sample
     from kubedistill.vlm.processing import load_processor
@@ -59,11 +61,17 @@ def _rows(model_dir: str, n: int) -> list[dict]:
         s = attach_images([{"role": "user", "content": "<image>" * k + f"What is {i}?"},
                            {"role": "assistant", "content": "A roof."}], blobs or None,
                           base_dir=None, input_field="messages", image_field="images")
-        enc = encode_sample(processor, s.messages, [im.image for im in s.images])
+        images = [im.image for im in s.images]
+        enc = encode_sample(processor, s.messages, images)
         rows.append({"id": f"train:{i}", "input_ids": enc.input_ids, "loss_mask": enc.loss_mask,
                      "prompt_len": enc.prompt_len, "response": "A roof.",
                      "images": blobs or None,
                      "image_sha256": [hashlib.sha256(b).hexdigest() for b in blobs] or None})
+        if teacher_view:
+            system = {"role": "system", "content": [{"type": "text", "text": "Look closely."}]}
+            t = encode_sample(processor, [system, *s.messages], images)
+            rows[-1].update(teacher_input_ids=t.input_ids, teacher_loss_mask=t.loss_mask,
+                            teacher_prompt_len=t.prompt_len)
     return rows
 
 
@@ -82,6 +90,16 @@ def pair(request, tmp_path_factory):
     teacher = build_tiny_vlm(str(root / "teacher"), request.param, seed=1, **size)
     prepared = write_splits(str(root / "prepared"), {"train": _rows(student, 6)})
     return request.param, student, teacher, prepared
+
+
+@pytest.fixture(scope="module")
+def teacher_view(pair, tmp_path_factory) -> str:
+    """The rows of ``pair`` with a teacher view (see :func:`_rows`): a self-distillation
+    teacher starts as the student, so only its own prompt makes its states differ."""
+    from _prepared import write_splits
+
+    root = tmp_path_factory.mktemp(f"{pair[0]}_teacher_view")
+    return write_splits(str(root), {"train": _rows(pair[1], 6, teacher_view=True)})
 
 
 def _prompts(prepared):
@@ -109,9 +127,12 @@ def test_hf_rollout_uses_the_pixels_and_keeps_the_prepared_prompt(pair):
         assert s.prompt_ids == prompts.prompts[s.prompt_index]  # image tokens included
         assert s.images == prompts.images[s.prompt_index]
         assert (image_id in s.prompt_ids) == (s.images is not None)
-    # the sampling log-probs are the student's own forward on prompt + response with the
-    # same pixels and its own positions (3-D for Qwen2-VL), right-padded as training pads
+    # image tokens and their markers are never sampled; the sampling log-probs are the
+    # student's own forward on prompt + response with the same pixels and its own positions
+    # (3-D for Qwen2-VL), right-padded as training pads, over the vocabulary without them
     proc = engine.processor
+    structure = sorted(proc.structure_token_ids)
+    assert not any(t in structure for s in samples for t in s.response_ids)
 
     def logprobs(with_pixels: bool) -> list[list[float]]:
         rows = [VLMSample(s.prompt_ids + s.response_ids, [0] * len(s.prompt_ids)
@@ -122,8 +143,9 @@ def test_hf_rollout_uses_the_pixels_and_keeps_the_prepared_prompt(pair):
         if not with_pixels:
             batch["mm_token_type_ids"].zero_()
         with torch.no_grad():
-            lp = torch.log_softmax(engine.model(**forward_kwargs(engine.model, batch))
-                                   .logits.float(), -1)
+            logits = engine.model(**forward_kwargs(engine.model, batch)).logits.float()
+        logits[..., structure] = -float("inf")
+        lp = torch.log_softmax(logits, -1)
         return [[float(lp[j, len(s.prompt_ids) - 1 + k, t])
                  for k, t in enumerate(s.response_ids)] for j, s in enumerate(samples)]
 
@@ -155,19 +177,21 @@ def test_sglang_requests_carry_images_and_the_unexpanded_prompt(pair):
         unexpanded_prompt(prompts.prompts[two], images[:1], proc, where="t")
 
     class Recorded:  # the shape of Engine.generate's outputs (no GPU here)
-        def __init__(self, lengths: list[int]):
+        def __init__(self, lengths: list[int], image_at: int = -1):
             self.calls, self.lengths = [], lengths  # prompt_tokens per request
+            self.image_at = image_at  # this request samples the image token first
 
         def generate(self, **kw):
             self.calls.append(kw)
-            return [{"output_ids": [7, 2], "meta_info": {
+            return [{"output_ids": [proc.image_token_id if i == self.image_at else 7, 2],
+                     "meta_info": {
                 "finish_reason": {"type": "stop", "matched": 2},
                 "prompt_tokens": self.lengths[i],
                 "output_token_logprobs": [(-0.5, 7, None), (-0.1, 2, None)]}}
                 for i in range(len(kw["input_ids"]))]
 
     picked = [two, 3]  # an image prompt and the text row
-    fake = Recorded([len(prompts.prompts[i]) for i in picked for _ in range(2)])
+    fake = Recorded([len(prompts.prompts[i]) for i in picked for _ in range(2)], image_at=1)
     engine = SGLangRolloutEngine(fake, {2}, processor=proc)
     samples = engine.generate([prompts.prompts[i] for i in picked],
                               images=prompts.images_of(picked), n_samples_per_prompt=2,
@@ -177,6 +201,9 @@ def test_sglang_requests_carry_images_and_the_unexpanded_prompt(pair):
     assert [len(d) for d in req["image_data"]] == [2, 2, 0, 0]
     assert [s.prompt_ids for s in samples][0] == prompts.prompts[two]  # the prepared ids
     assert samples[0].images == prompts.images[two] and samples[2].images is None
+    assert samples[0].response_ids == [7, 2] and samples[0].finish_reason == "stop"
+    # a sampled image token has no pixels behind it: the response is cut before it
+    assert samples[1].response_ids == [] and samples[1].truncated
     with pytest.raises(ExpansionMismatch, match="SGLang expanded the prompt"):
         SGLangRolloutEngine(Recorded([len(prompts.prompts[two]) + 1]), {2}, processor=proc).generate(
             [prompts.prompts[two]], images=[prompts.images[two]], n_samples_per_prompt=1,
@@ -219,7 +246,7 @@ def test_refusals_name_the_reason(pair, tiny_model_dir):
 def _config(tmp_path, pair, **over) -> Config:
     _, student, teacher, prepared = pair
     cfg, wd = Config(), tmp_path / "run"
-    for k, v in dict(student_name_or_path=student, teacher_name_or_path=teacher,
+    values = dict(student_name_or_path=student, teacher_name_or_path=teacher,
                      prepared_path=prepared, rollout_num_engines=1, rollout_backend="hf",
                      teacher_backend="hf", rollout_batch_size=3, n_samples_per_prompt=2,
                      generate_max_len=4, prompt_max_len=512, temperature=1.0,
@@ -228,17 +255,22 @@ def _config(tmp_path, pair, **over) -> Config:
                      learning_rate=5e-3, lr_warmup_ratio=0.0, num_epochs=1, save_steps=-1,
                      logging_steps=1, chunked_loss_size=16, seed=5, tracking_uri="off",
                      device="cpu", work_dir=str(wd), save_path=str(wd / "model"),
-                     ckpt_path=str(wd / "ckpt"), **over).items():
+                     ckpt_path=str(wd / "ckpt"))
+    for k, v in {**values, **over}.items():  # the overrides replace the defaults
         cfg.set(k, v)
     return cfg
 
 
 def _one_iteration(trainer):
-    """rollout (pixels) -> teacher (pixels) -> one optimizer step -> weight sync."""
+    """rollout (pixels) -> teacher (pixels) -> one optimizer step -> weight sync; returns
+    the split, the teacher states and a copy of the teacher model that scored them."""
+    import copy
+
     from kubedistill.train.fsdp import full_state_dict
     from kubedistill.train.trainer import _progress
 
     trainer.sync()
+    scorer = copy.deepcopy(trainer.teacher_engine.model)  # self-distillation updates it
     before = {k: v.clone() for k, v in full_state_dict(trainer.module.student).items()}
     times: dict = {}
     split, teacher, stats = trainer.rollout(times)
@@ -251,29 +283,46 @@ def _one_iteration(trainer):
     engine = trainer.rollout_engine.state_dict()
     assert all(torch.equal(engine[k], v) for k, v in after.items())  # synced
     assert any(not torch.equal(before[k], after[k]) for k in after)  # it trained
-    return split, teacher
+    return split, teacher, scorer
 
 
-def _check_teacher_saw_the_pixels(trainer, split, teacher) -> None:
-    """Every image sample of the split is ``prepared prompt + response`` with the prompt's
-    images, and its teacher states differ from the same tokens scored without pixels."""
-    prompts = trainer.prompts
-    body = trainer.teacher_engine.model.base_model
+def _check_teacher_saw_the_pixels(trainer, split, teacher, scorer) -> None:
+    """Every sample of the split is ``prepared prompt + response`` with the prompt's images;
+    an image sample's teacher states are the teacher's own forward (``scorer``, the model
+    that scored them) on ``teacher prompt + response`` WITH the pixels and its own (M-RoPE)
+    positions, and differ from the same tokens scored without pixels."""
+    from kubedistill.data.images import decode_stored
+    from kubedistill.vlm.inputs import VLMSample, collate, forward_kwargs
+    from kubedistill.vlm.processing import load_processor
+
+    proc, prompts = load_processor(trainer.teacher_path), trainer.prompts
     n_image = 0
     for i, sid in enumerate(split.ids):  # "it0:train:4:1": prompt train:4, its 2nd sample
         k = prompts.ids.index(sid.split(":", 1)[1].rsplit(":", 1)[0])
         tokens, mask = split.sample(i)
-        prompt = prompts.prompts[k]
+        prompt, t_prompt = prompts.prompts[k], prompts.teacher_prompts[k]
         assert tokens[:len(prompt)].tolist() == prompt and not mask[:len(prompt)].any()
-        assert split.images[i] == prompts.images[k]
+        assert mask[len(prompt):].all() and split.images[i] == prompts.images[k]
         if split.images[i] is None:
             continue
         n_image += 1
+        t_tokens = t_prompt + tokens[len(prompt):].tolist()
         states = teacher.get(sid)
-        with torch.no_grad():
-            blind = body(input_ids=torch.as_tensor(tokens)[None]).last_hidden_state[0]
-        diff = (states.hidden - blind[states.positions].float()).abs().max()
-        assert diff > 1e-3, diff
+        at = states.positions + (len(t_prompt) - len(prompt))  # the teacher's own positions
+
+        def body(pixels: dict, t_tokens=t_tokens, t_prompt=t_prompt, at=at) -> torch.Tensor:
+            batch = collate([VLMSample(t_tokens, [0] * len(t_tokens), len(t_prompt), pixels)],
+                            proc)
+            if not pixels:
+                batch["mm_token_type_ids"].zero_()
+            with torch.no_grad():
+                out = scorer.base_model(**forward_kwargs(scorer, batch)).last_hidden_state
+            return out[0, at].float()
+
+        seen = body(proc.pixels(decode_stored(split.images[i], where=sid)))
+        torch.testing.assert_close(states.hidden, seen, atol=1e-4, rtol=0)
+        blind = (states.hidden - body({})).abs().max()
+        assert blind > 1e-3, blind
     assert n_image >= 2
 
 
@@ -282,19 +331,29 @@ def test_on_policy_iteration_with_images(world_of_one, pair, tmp_path):
 
     trainer = OnPolicyTrainer(_config(tmp_path, pair), world_of_one)
     assert trainer.images is not None  # the student trains with pixels
-    split, teacher = _one_iteration(trainer)
+    split, teacher, scorer = _one_iteration(trainer)
     assert split.images is not None
-    _check_teacher_saw_the_pixels(trainer, split, teacher)
+    assert trainer.prompts.teacher_prompts == trainer.prompts.prompts  # one processor
+    _check_teacher_saw_the_pixels(trainer, split, teacher, scorer)
 
 
-def test_self_distillation_iteration_with_images(world_of_one, pair, tmp_path):
+def test_self_distillation_iteration_with_images(world_of_one, pair, teacher_view, tmp_path):
+    from kubedistill.train.fsdp import full_state_dict
     from kubedistill.train.on_policy import OnPolicyTrainer
 
-    cfg = _config(tmp_path, pair, self_distillation=True, teacher_name_or_path=None)
+    cfg = _config(tmp_path, pair, self_distillation=True, teacher_name_or_path=None,
+                  prepared_path=teacher_view)
     trainer = OnPolicyTrainer(cfg, world_of_one)
-    split, teacher = _one_iteration(trainer)
-    assert trainer.cursor.teacher_updates == 1
-    _check_teacher_saw_the_pixels(trainer, split, teacher)
+    assert trainer.images is not None and trainer.self_teacher is not None
+    prompts = trainer.prompts
+    assert all(len(t) > len(p) for t, p in zip(prompts.teacher_prompts, prompts.prompts,
+                                                strict=True))  # the teacher's own view
+    split, teacher, scorer = _one_iteration(trainer)
+    assert trainer.cursor.teacher_updates == 1  # theta_T <- theta_S after the iteration
+    theta_t = trainer.self_teacher.model.state_dict()
+    assert all(torch.equal(theta_t[k], v)
+               for k, v in full_state_dict(trainer.module.student).items())
+    _check_teacher_saw_the_pixels(trainer, split, teacher, scorer)
 
 
 @pytest.mark.gpu

@@ -74,6 +74,18 @@ class RolloutEngine(Protocol):
         ...
 
 
+def cut_before(sample: Sample, input_only: set[int]) -> bool:
+    """Cut ``sample``'s response before its first ``input_only`` token (an image token or
+    marker, which has no pixels behind it in a response); a cut response is a truncation
+    (``"length"``). Returns whether it was cut. For engines that cannot suppress them."""
+    for i, t in enumerate(sample.response_ids):
+        if t in input_only:
+            sample.response_ids, sample.logprobs = sample.response_ids[:i], sample.logprobs[:i]
+            sample.finish_reason = "length"
+            return True
+    return False
+
+
 def finish(tokens: Sequence[int], stop_ids: set[int], max_new_tokens: int,
            ) -> tuple[list[int], str]:
     """Cut a generated continuation after its first stop token.

@@ -26,6 +26,9 @@ left-padded prompt, padding skipped through the attention mask) and caches ``rop
 each decoded token gets ``text position + rope_delta``, the same positions
 ``get_rope_index`` gives over ``prompt + response``, so training on the sample sees the
 positions it was sampled under. Idefics3 drops the all-zero padding images of the batch.
+The image tokens and their markers (``processor.structure_token_ids``) are input-only: they
+are never sampled (``suppress_tokens``, so the sampling log-probs are those of the
+distribution without them), since a response holding one has no pixels behind it.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class HFRolloutEngine(EngineLifecycle):
         sample = temperature > 0
         kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) \
             if sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.processor is not None:  # image tokens are input-only (module doc)
+            kwargs["suppress_tokens"] = sorted(self.processor.structure_token_ids)
         gen = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
             **{k: v.to(self.device) for k, v in vision.items()},

@@ -21,7 +21,9 @@ the prompt with its image tokens back to one placeholder per image
 (:func:`kubedistill.sglang_engine.unexpanded_prompt`, checked by re-encoding); SGLang's
 expansion must give the prepared prompt length (``meta_info["prompt_tokens"]``, else
 ``ExpansionMismatch``). The sample keeps the PREPARED (expanded) prompt ids and the stored
-images. A batch without images sends no ``image_data``.
+images. A batch without images sends no ``image_data``. The image tokens and their markers
+are input-only; SGLang samples the full vocabulary, so a response that holds one is cut
+before it (:func:`kubedistill.rollout.engine.cut_before`, a truncation, logged).
 
 Weights: :meth:`load_weights` pushes ``(name, tensor)`` pairs with
 ``update_weights_from_tensor`` (one call per bucket, ``flush_cache`` only on the last; the
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 
 from kubedistill.errors import KubedistillError
-from kubedistill.rollout.engine import Sample, finish
+from kubedistill.rollout.engine import Sample, cut_before, finish
 from kubedistill.sglang_engine import (
     SGLangEngine,
     check_prompt_tokens,
@@ -140,14 +142,19 @@ class SGLangRolloutEngine(SGLangEngine):
         outs = self.engine.generate(input_ids=inputs, sampling_params=params,
                                     return_logprob=True, **extra)
         outs = outs if isinstance(outs, list) else [outs]
-        samples = []
+        samples, cut = [], 0
+        input_only = self.processor.structure_token_ids if self.processor is not None else set()
         for i, o in enumerate(outs):
             p = i // n
             if images is not None:
                 check_prompt_tokens(o, len(prompts[p]), where=f"rollout prompt {p}")
             sample = parse_output(o, p, prompts[p], self.stop_ids, max_new_tokens)
             sample.images = list(images[p]) if images is not None and images[p] else None
+            cut += cut_before(sample, input_only)
             samples.append(sample)
+        if cut:
+            log.warning("%d of %d rollout response(s) sampled an image token; cut before it "
+                        "(counted as truncated)", cut, len(samples))
         return samples
 
     def image_request(self, prompt: Sequence[int], blobs: Sequence[bytes] | None,
