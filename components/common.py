@@ -31,7 +31,8 @@ import time
 from typing import Any
 
 from kubedistill import kdflow_flags
-from kubedistill.config import Config, parse_yaml
+from kubedistill.config import Config
+from kubedistill.config_values import parse_yaml
 from kubedistill.errors import ConfigError, exit_code_of
 from kubedistill.failures import translated
 from kubedistill.procs import bind_to_parent

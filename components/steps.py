@@ -17,7 +17,7 @@ from typing import Any
 
 from kubedistill.components import common
 from kubedistill.components.common import build_config, read_json_uri, run_stage, write_artifact
-from kubedistill.config import join_uri
+from kubedistill.config_values import join_uri
 from kubedistill.errors import exit_code_of
 from kubedistill.failures import translated
 

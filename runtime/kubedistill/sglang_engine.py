@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from kubedistill.config import split_list
+from kubedistill.config_values import split_list
 from kubedistill.errors import ConfigError
 from kubedistill.lifecycle import EngineLifecycle
 

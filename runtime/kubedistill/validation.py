@@ -174,7 +174,7 @@ def _is_default(cfg, name: str) -> bool:
 
 
 def _probs_match(cfg) -> bool:
-    from kubedistill.config import split_list
+    from kubedistill.config_values import split_list
 
     d = cfg.data
     if not (d.train_dataset_probs and d.train_dataset_path):

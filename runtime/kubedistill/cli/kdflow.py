@@ -107,7 +107,7 @@ def fetch_hub_refs(cfg: Config) -> None:
     """Make the Hugging Face Hub ids among the models and datasets local before any stage
     runs (cached for the stages), so that offline they fail here, in one line naming the
     id (exit 5; 2 for an id the hub does not have)."""
-    from kubedistill.config import split_list
+    from kubedistill.config_values import split_list
     from kubedistill.models import hub
 
     for ref in (cfg.model.student_name_or_path, cfg.model.teacher_name_or_path):

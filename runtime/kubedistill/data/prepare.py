@@ -36,7 +36,8 @@ from collections import Counter
 from typing import Any
 
 from kubedistill import storage
-from kubedistill.config import Config, split_list
+from kubedistill.config import Config
+from kubedistill.config_values import split_list
 from kubedistill.data import prepared
 from kubedistill.data.build import MAX_LISTED, SampleBuilder
 from kubedistill.data.chat import missing_columns

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kubedistill.config import ModelConfig, split_list
+from kubedistill.config import ModelConfig
+from kubedistill.config_values import split_list
 from kubedistill.errors import ConfigError
 from kubedistill.vlm.model import is_image_text, language_model
 
