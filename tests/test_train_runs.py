@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _procs import kill_at_first_checkpoint
+from _runs import Runs
 from safetensors.torch import load_file
 
 from kubedistill.config import Config
@@ -63,26 +64,6 @@ def teacher_cache(prepared, tiny_teacher_dir, tmp_path_factory) -> str:
     return path
 
 
-class Runs:
-    """Launches each named run once per module; ``get(name)`` -> its outputs."""
-
-    def __init__(self, base: dict, root):
-        self.base, self.root, self.done = base, root, {}
-
-    def config(self, name: str, **over) -> Config:
-        cfg, wd = Config(), self.root / name
-        values = dict(self.base, work_dir=str(wd), save_path=str(wd / "model"),
-                      ckpt_path=str(wd / "ckpt"), **over)
-        for k, v in values.items():
-            cfg.set(k, v)
-        return cfg
-
-    def get(self, name: str, **over) -> dict:
-        if name not in self.done:
-            cfg = self.config(name, **over)
-            assert train(cfg) == cfg.train.save_path
-            self.done[name] = outputs(cfg)
-        return self.done[name]
 
 
 def outputs(cfg: Config) -> dict:
@@ -115,7 +96,7 @@ def runs(tiny_model_dir, tiny_teacher_dir, prepared, teacher_cache, tmp_path_fac
     env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield Runs(base, tmp_path_factory.mktemp("runs"))
+    yield Runs(base, tmp_path_factory.mktemp("runs"), outputs)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -17,6 +17,7 @@ import os
 import numpy as np
 import pytest
 from _procs import kill_at_first_checkpoint
+from _runs import Runs
 from _vlm_prepared import write_vlm_prepared
 
 from kubedistill.config import Config
@@ -29,23 +30,6 @@ STEPS = -(-N_TRAIN // GBS)  # 3; the last step holds 2 samples
 pytestmark = pytest.mark.timeout(900)
 
 
-class Runs:
-    def __init__(self, base: dict, root):
-        self.base, self.root, self.done = base, root, {}
-
-    def config(self, name: str, **over) -> Config:
-        cfg, wd = Config(), self.root / name
-        for k, v in dict(self.base, work_dir=str(wd), save_path=str(wd / "model"),
-                         ckpt_path=str(wd / "ckpt"), **over).items():
-            cfg.set(k, v)
-        return cfg
-
-    def get(self, name: str, **over) -> dict:
-        if name not in self.done:
-            cfg = self.config(name, **over)
-            assert train(cfg) == cfg.train.save_path
-            self.done[name] = outputs(cfg)
-        return self.done[name]
 
 
 def outputs(cfg: Config) -> dict:
@@ -75,7 +59,7 @@ def runs(request, tmp_path_factory):
     env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield request.param, Runs(base, root / "runs")
+    yield request.param, Runs(base, root / "runs", outputs)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
