@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
 
 from kubedistill.config import Config
 from kubedistill.train.launch import train
@@ -31,3 +35,25 @@ class Runs:
             assert train(cfg) == cfg.train.save_path
             self.done[name] = self.outputs(cfg)
         return self.done[name]
+
+
+@contextmanager
+def reproducible_cpu():
+    """One thread per rank (one rank must not oversubscribe the shared cores) and MKL in its
+    reproducible mode (without it, runs on this CPU differ now and then around 1e-7); the
+    environment is restored afterwards."""
+    env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def losses(run: dict, key: str = "train/loss") -> np.ndarray:
+    return np.array([r[key] for r in run["train"]])

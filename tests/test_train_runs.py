@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from _procs import kill_at_first_checkpoint
-from _runs import Runs
+from _runs import Runs, losses, reproducible_cpu
 from safetensors.torch import load_file
 
 from kubedistill.config import Config
@@ -91,21 +91,9 @@ def runs(tiny_model_dir, tiny_teacher_dir, prepared, teacher_cache, tmp_path_fac
                 learning_rate=2e-3, lr_warmup_ratio=0.0, min_lr=1e-4, weight_decay=0.01,
                 max_norm=1.0, num_epochs=1, eval_steps=3, save_steps=2, logging_steps=1,
                 chunked_loss_size=16, seed=3, tracking_uri="off", device="cpu")
-    # one thread per rank (1 rank must not oversubscribe the shared cores), and MKL in its
-    # reproducible mode: without it, runs on this CPU differ now and then around 1e-7
-    env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield Runs(base, tmp_path_factory.mktemp("runs"), outputs)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with reproducible_cpu():
+        yield Runs(base, tmp_path_factory.mktemp("runs"), outputs)
 
-
-def losses(run: dict, key: str = "train/loss") -> np.ndarray:
-    return np.array([r[key] for r in run["train"]])
 
 
 def assert_same_curve(a: dict, b: dict, tol: float = 1e-4) -> None:

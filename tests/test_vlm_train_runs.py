@@ -17,7 +17,7 @@ import os
 import numpy as np
 import pytest
 from _procs import kill_at_first_checkpoint
-from _runs import Runs
+from _runs import Runs, losses, reproducible_cpu
 from _vlm_prepared import write_vlm_prepared
 
 from kubedistill.config import Config
@@ -56,19 +56,9 @@ def runs(request, tmp_path_factory):
                 micro_train_batch_size=1, learning_rate=5e-3, lr_warmup_ratio=0.0,
                 min_lr=1e-4, max_norm=1.0, num_epochs=1, eval_steps=2, save_steps=2,
                 logging_steps=1, seed=3, tracking_uri="off", device="cpu")
-    env = {"OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield request.param, Runs(base, root / "runs", outputs)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with reproducible_cpu():
+        yield request.param, Runs(base, root / "runs", outputs)
 
-
-def losses(run: dict, key: str = "train/loss") -> np.ndarray:
-    return np.array([r[key] for r in run["train"]])
 
 
 def max_weight_diff(a: dict, b: dict) -> float:
